@@ -1,0 +1,7 @@
+"""A JAX/Flax Transformer: the paper's encoder-decoder and the decoder-only GPT."""
+
+from transformer.config import ConfigError, ModelConfig, preset
+from transformer.models import GPT, EncoderDecoder
+
+__all__ = ["ConfigError", "EncoderDecoder", "GPT", "ModelConfig", "preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""`ModelConfig`: the one object every module receives, frozen and validated once.
+
+Presets name the architectures of the papers: `transformer_base` and `transformer_big` are the
+rows of Table 3 in "Attention Is All You Need"; `gpt2_small` (124M) and `gpt2_medium` (350M) are
+GPT-2's. Derive variants with `dataclasses.replace(cfg, dropout_rate=0.0)` or
+`preset('gpt2_small', vocab_size=65)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ("relu", "gelu")
+NORM_POSITIONS = ("post", "pre")
+NORM_TYPES = ("layernorm", "rmsnorm")
+POSITIONS = ("sinusoidal", "learned")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of an encoder-decoder Transformer or a decoder-only GPT."""
+
+    vocab_size: int = 256  # embedding rows; may exceed the tokenizer's size (padding)
+    d_model: int = 512  # residual stream width
+    num_heads: int = 8  # attention heads; d_model must divide by it
+    d_ff: int = 2048  # hidden width of the position-wise feed-forward network
+    num_encoder_layers: int = 6  # 0 for a decoder-only model (GPT)
+    num_decoder_layers: int = 6  # layers of the (causal) decoder stack
+    max_len: int = 512  # longest sequence; size of learned position table and caches
+    dropout_rate: float = 0.1  # on embeddings and every sub-layer output (sec. 5.4)
+    attention_dropout_rate: float = 0.0  # on attention weights (GPT-2's attn_pdrop)
+    activation: str = "relu"  # FFN non-linearity: relu (paper) | gelu (GPT, tanh approx.)
+    norm_position: str = "post"  # post: LN(x + f(x)) (paper) | pre: x + f(LN(x)) (GPT-2)
+    norm_type: str = "layernorm"  # layernorm | rmsnorm
+    norm_epsilon: float = 1e-6  # GPT-2 uses 1e-5
+    positions: str = "sinusoidal"  # sinusoidal (sec. 3.5) | learned (GPT)
+    tie_embeddings: bool = True  # output projection shares the token embedding (sec. 3.4)
+    scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (sec. 3.4)
+    use_bias: bool = True  # biases in dense layers and norms
+    init_std: float = 0.0  # 0: Xavier-uniform kernels (paper); >0: N(0, std) as GPT-2 (0.02)
+    dtype: str = "float32"  # compute dtype; softmax, norms statistics and logits stay float32
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    scan_layers: bool = False  # nn.scan over layers: one compiled layer, stacked parameters
+    remat_policy: str = "none"  # rematerialisation: none | full | dots | dots_with_no_batch_dims
+    attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{field}={getattr(self, field)!r}: {message}")
+
+        for field in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+            need(
+                isinstance(getattr(self, field), int) and getattr(self, field) > 0,
+                field,
+                "must be a positive integer",
+            )
+        for field in ("num_encoder_layers", "num_decoder_layers"):
+            need(
+                isinstance(getattr(self, field), int) and getattr(self, field) >= 0,
+                field,
+                "must be a non-negative integer",
+            )
+        need(
+            self.num_decoder_layers > 0,
+            "num_decoder_layers",
+            "every model needs a decoder; set it to at least 1",
+        )
+        need(
+            self.d_model % self.num_heads == 0,
+            "d_model",
+            f"must be divisible by model.num_heads={self.num_heads}; pick a multiple of it",
+        )
+        need(
+            self.positions != "sinusoidal" or self.d_model % 2 == 0,
+            "d_model",
+            "sinusoidal positions need an even width; use an even d_model or positions='learned'",
+        )
+        for field in ("dropout_rate", "attention_dropout_rate"):
+            need(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
+        need(self.norm_epsilon > 0, "norm_epsilon", "must be positive")
+        need(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
+        choices = {
+            "activation": ACTIVATIONS,
+            "norm_position": NORM_POSITIONS,
+            "norm_type": NORM_TYPES,
+            "positions": POSITIONS,
+            "dtype": DTYPES,
+            "param_dtype": DTYPES,
+            "remat_policy": REMAT_POLICIES,
+            "attention_impl": ATTENTION_IMPLS,
+        }
+        for field, allowed in choices.items():
+            need(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def is_decoder_only(self) -> bool:
+        return self.num_encoder_layers == 0
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Builds a config, rejecting unknown keys with the list of valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+# The paper's Table 3 rows and GPT-2's sizes. Vocabulary sizes are the papers'; override them with
+# the tokenizer's (padded) size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "transformer_base": dict(
+        vocab_size=37000,
+        d_model=512,
+        num_heads=8,
+        d_ff=2048,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        max_len=256,
+        dropout_rate=0.1,
+    ),
+    "transformer_big": dict(
+        vocab_size=37000,
+        d_model=1024,
+        num_heads=16,
+        d_ff=4096,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        max_len=256,
+        dropout_rate=0.3,
+    ),
+    "gpt2_small": dict(
+        vocab_size=50257,
+        d_model=768,
+        num_heads=12,
+        d_ff=3072,
+        num_encoder_layers=0,
+        num_decoder_layers=12,
+        max_len=1024,
+        dropout_rate=0.1,
+        attention_dropout_rate=0.1,
+        activation="gelu",
+        norm_position="pre",
+        norm_epsilon=1e-5,
+        positions="learned",
+        scale_embeddings=False,
+        init_std=0.02,
+    ),
+    "gpt2_medium": dict(
+        vocab_size=50257,
+        d_model=1024,
+        num_heads=16,
+        d_ff=4096,
+        num_encoder_layers=0,
+        num_decoder_layers=24,
+        max_len=1024,
+        dropout_rate=0.1,
+        attention_dropout_rate=0.1,
+        activation="gelu",
+        norm_position="pre",
+        norm_epsilon=1e-5,
+        positions="learned",
+        scale_embeddings=False,
+        init_std=0.02,
+    ),
+    # Test sizes: small enough that a jit compile and a step take well under a second on CPU.
+    "tiny_gpt": dict(
+        vocab_size=64,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        num_encoder_layers=0,
+        num_decoder_layers=2,
+        max_len=64,
+        dropout_rate=0.0,
+        activation="gelu",
+        norm_position="pre",
+        norm_epsilon=1e-5,
+        positions="learned",
+        scale_embeddings=False,
+        init_std=0.02,
+    ),
+    "tiny_transformer": dict(
+        vocab_size=64,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        max_len=64,
+        dropout_rate=0.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset with `overrides` applied: `preset('gpt2_small', vocab_size=65)`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,450 @@
+"""The Transformer's layers, shared by the encoder-decoder and GPT ("Attention Is All You Need").
+
+Shape legend used in comments throughout the package:
+  b batch, t query length, s key length, n heads, h head dim (d_k = d_v), d model width,
+  f feed-forward hidden width, v vocabulary, l layers.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `layers`);
+`transformer.sharding` maps them onto a device mesh with one small rules table.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.config import ModelConfig
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def with_axes(init: Initializer, *axes: str | None) -> Initializer:
+    """Attaches logical axis names to a parameter initialiser."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def kernel_init(cfg: ModelConfig, fan_in: int, fan_out: int, scale: float = 1.0) -> Initializer:
+    """Xavier-uniform over one [fan_in, fan_out] projection (as the paper's reference code) or
+    GPT-2's N(0, 0.02 * scale). Fans are explicit because fused kernels (QKV) hold several
+    projections and DenseGeneral flattens kernels before initialising them."""
+    if cfg.init_std > 0:
+        return nn.initializers.normal(cfg.init_std * scale)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: boolean, True where a query may attend to a key, shape [b, 1, t, s] (broadcast over n).
+
+
+def causal_mask(length: int) -> Array:
+    """Lower-triangular mask: position i sees positions <= i (sec. 3.2.3)."""
+    return jnp.tril(jnp.ones((1, 1, length, length), dtype=bool))
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """Queries see keys of their own segment; segment 0 is padding and is never seen."""
+    same = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    return same & (key_segments[:, None, None, :] > 0)  # [b, 1, t, s]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    present = [m for m in masks if m is not None]
+    return functools.reduce(jnp.logical_and, present) if present else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    impl: str = "einsum",
+) -> tuple[Array, Array | None]:
+    """softmax(Q K^T / sqrt(d_k)) V over heads (sec. 3.2.1), returning (output, weights).
+
+    query [b, t, n, h], key and value [b, s, n, h], mask broadcastable to [b, n, t, s].
+    Scores and softmax are float32 whatever the compute dtype; masked scores are set to the
+    most negative float32, not -inf, so a fully masked row stays finite. `impl` 'xla' or
+    'cudnn' call `jax.nn.dot_product_attention` (fused; weights are not returned).
+    """
+    depth = query.shape[-1]
+    if impl != "einsum":
+        if dropout_rate > 0 and dropout_rng is not None:
+            raise ValueError(f"attention_impl={impl!r} has no attention dropout; use 'einsum'")
+        out = jax.nn.dot_product_attention(
+            query, key, value, mask=mask, implementation=None if impl == "xla" else impl
+        )
+        return out, None
+    # sec. 3.2.1: scale by 1/sqrt(d_k) so the softmax does not saturate for large d_k. Scaling q
+    # first costs b*t*n*h multiplies instead of b*n*t*s.
+    query = query / jnp.sqrt(depth).astype(query.dtype)
+    scores = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)  # [b, n, t, s], float32
+    if dropout_rate > 0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bnts,bsnh->btnh", weights.astype(value.dtype), value)
+    return out, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (sec. 3.2.2): self-attention with one fused QKV projection, or
+    cross-attention (queries from the decoder, keys and values from the encoder output).
+
+    Decoding: given `cache_index` (a scalar), self-attention writes this call's keys and values
+    into the 'cache' collection at [cache_index, cache_index + t) and attends over the whole
+    buffer (the caller's mask hides unwritten slots). Cross-attention stores the projected
+    encoder keys and values on the call that passes `memory`, and reuses them on later calls
+    that pass `memory=None`.
+    """
+
+    config: ModelConfig
+    cross: bool = False
+    deterministic: bool = True
+    out_scale: float = 1.0  # GPT-2 scales residual projections by 1/sqrt(2 * layers)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        memory: Array | None = None,
+        cache_index: Array | None = None,
+    ) -> Array:
+        cfg = self.config
+        n, h = cfg.num_heads, cfg.head_dim
+        dense = functools.partial(
+            nn.DenseGeneral,
+            axis=-1,
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        if not self.cross:
+            qkv = dense(
+                features=(3, n, h),
+                kernel_init=with_axes(
+                    kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", None, "heads", "kv"
+                ),
+                bias_init=with_axes(nn.initializers.zeros, None, "heads", "kv"),
+                name="qkv",
+            )(x)  # [b, t, 3, n, h]
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if cache_index is not None:
+                key, value = self._append_to_cache(key, value, cache_index)
+        else:
+            query = dense(
+                features=(n, h),
+                kernel_init=with_axes(
+                    kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", "heads", "kv"
+                ),
+                bias_init=with_axes(nn.initializers.zeros, "heads", "kv"),
+                name="query",
+            )(x)  # [b, t, n, h]
+            key, value = self._cross_keys_values(memory, cache_index, dense)
+
+        dropout_rng = None
+        if not self.deterministic and cfg.attention_dropout_rate > 0:
+            dropout_rng = self.make_rng("dropout")
+        out, weights = dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            dropout_rate=cfg.attention_dropout_rate,
+            dropout_rng=dropout_rng,
+            impl=cfg.attention_impl,
+        )
+        if weights is not None:
+            self.sow("intermediates", "attention_weights", weights)  # for inspection only
+        return dense(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            kernel_init=with_axes(
+                kernel_init(cfg, cfg.d_model, cfg.d_model, self.out_scale), "heads", "kv", "embed"
+            ),
+            bias_init=with_axes(nn.initializers.zeros, "embed"),
+            name="out",
+        )(out)  # [b, t, d]
+
+    def _append_to_cache(self, key: Array, value: Array, index: Array) -> tuple[Array, Array]:
+        # At cache creation the input spans the whole buffer, so its shape is the buffer's.
+        cached_key = self.variable("cache", "key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+        if self.is_initializing():
+            return key, value
+        start = (0, index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        return cached_key.value, cached_value.value  # [b, s, n, h] with s = buffer length
+
+    def _cross_keys_values(
+        self, memory: Array | None, cache_index: Array | None, dense: Callable[..., nn.Module]
+    ) -> tuple[Array, Array]:
+        cfg = self.config
+        if memory is None:
+            if not self.has_variable("cache", "cross_key"):
+                raise ValueError(
+                    "cross-attention needs the encoder output (memory) or a cache "
+                    "filled by a previous call that passed it"
+                )
+            return (
+                self.get_variable("cache", "cross_key"),
+                self.get_variable("cache", "cross_value"),
+            )
+        kv = dense(
+            features=(2, cfg.num_heads, cfg.head_dim),
+            kernel_init=with_axes(
+                kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", None, "heads", "kv"
+            ),
+            bias_init=with_axes(nn.initializers.zeros, None, "heads", "kv"),
+            name="key_value",
+        )(memory)  # [b, s, 2, n, h]
+        key, value = kv[:, :, 0], kv[:, :, 1]
+        if cache_index is not None:  # computed once per source sentence, reused every step
+            self.put_variable("cache", "cross_key", key)
+            self.put_variable("cache", "cross_value", value)
+        return key, value
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3)."""
+
+    config: ModelConfig
+    out_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dense = functools.partial(
+            nn.DenseGeneral,
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        x = dense(
+            cfg.d_ff,
+            kernel_init=with_axes(kernel_init(cfg, cfg.d_model, cfg.d_ff), "embed", "mlp"),
+            bias_init=with_axes(nn.initializers.zeros, "mlp"),
+            name="wi",
+        )(x)  # [b, t, f]
+        # GPT-2 uses the tanh approximation of GELU; jax.nn.gelu's default is that one.
+        x = jax.nn.relu(x) if cfg.activation == "relu" else jax.nn.gelu(x, approximate=True)
+        return dense(
+            cfg.d_model,
+            kernel_init=with_axes(
+                kernel_init(cfg, cfg.d_ff, cfg.d_model, self.out_scale), "mlp", "embed"
+            ),
+            bias_init=with_axes(nn.initializers.zeros, "embed"),
+            name="wo",
+        )(x)  # [b, t, d]
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    if cfg.norm_type == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=cfg.norm_epsilon,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            scale_init=with_axes(nn.initializers.ones, "embed"),
+            name=name,
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_epsilon,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        use_bias=cfg.use_bias,
+        use_fast_variance=False,
+        scale_init=with_axes(nn.initializers.ones, "embed"),
+        bias_init=with_axes(nn.initializers.zeros, "embed"),
+        name=name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks and stacks.
+
+
+class TransformerBlock(nn.Module):
+    """One encoder or decoder layer: self-attention, optional cross-attention, FFN, each wrapped
+    in a residual connection with dropout and normalisation.
+
+    post-norm (sec. 3.1, 5.4): x = LayerNorm(x + Dropout(Sublayer(x)))
+    pre-norm (GPT-2):          x = x + Dropout(Sublayer(LayerNorm(x)))
+    """
+
+    config: ModelConfig
+    cross: bool = False
+    deterministic: bool = True
+    out_scale: float = 1.0
+    scanned: bool = False  # nn.scan wants (carry, output) back
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        memory: Array | None,
+        memory_mask: Array | None,
+        cache_index: Array | None,
+    ) -> Any:
+        cfg = self.config
+
+        def residual(y: Array, sublayer: Callable[[Array], Array], norm_name: str) -> Array:
+            norm = make_norm(cfg, norm_name)
+            drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+            if cfg.norm_position == "pre":
+                return y + drop(sublayer(norm(y)))
+            return norm(y + drop(sublayer(y)))
+
+        attention = functools.partial(
+            MultiHeadAttention, cfg, deterministic=self.deterministic, out_scale=self.out_scale
+        )
+        x = residual(
+            x,
+            lambda y: attention(name="self_attention")(y, mask, None, cache_index),
+            "norm_self_attention",
+        )
+        if self.cross:
+            x = residual(
+                x,
+                lambda y: attention(cross=True, name="cross_attention")(
+                    y, memory_mask, memory, cache_index
+                ),
+                "norm_cross_attention",
+            )
+        x = residual(x, FeedForward(cfg, out_scale=self.out_scale, name="mlp"), "norm_mlp")
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scanned else x
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Stack(nn.Module):
+    """`num_layers` blocks (unrolled, or one block under `nn.scan`), then a final norm when the
+    blocks are pre-norm (GPT-2's ln_f: pre-norm leaves the residual stream unnormalised)."""
+
+    config: ModelConfig
+    num_layers: int
+    cross: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        memory: Array | None = None,
+        memory_mask: Array | None = None,
+        cache_index: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        block: Any = TransformerBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(
+                block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+            )
+        # GPT-2: residual projections scaled by 1/sqrt(number of residual additions).
+        out_scale = 1.0 / np.sqrt((3 if self.cross else 2) * self.num_layers)
+        kwargs = dict(cross=self.cross, deterministic=deterministic, out_scale=out_scale)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(cfg, scanned=True, name="layers", **kwargs)(
+                x, mask, memory, memory_mask, cache_index
+            )
+        else:
+            for i in range(self.num_layers):
+                x = block(cfg, name=f"layers_{i}", **kwargs)(
+                    x, mask, memory, memory_mask, cache_index
+                )
+        if cfg.norm_position == "pre":
+            x = make_norm(cfg, "final_norm")(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings.
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (sec. 3.5)."""
+    position = np.arange(max_len, dtype=np.float64)[:, None]
+    inv_freq = np.exp(-np.log(10000.0) * np.arange(0, d_model, 2) / d_model)
+    table = np.zeros((max_len, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(position * inv_freq)
+    table[:, 1::2] = np.cos(position * inv_freq)
+    return table.astype(np.float32)
+
+
+class Embed(nn.Module):
+    """Token embedding (x sqrt(d_model) in the paper, sec. 3.4) plus positions, then dropout;
+    `attend` is the tied pre-softmax projection that reuses the same matrix (sec. 3.4)."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        std = cfg.init_std if cfg.init_std > 0 else cfg.d_model**-0.5
+        self.token_embedding = self.param(
+            "token_embedding",
+            with_axes(nn.initializers.normal(std), "vocab", "embed"),
+            (cfg.vocab_size, cfg.d_model),
+            cfg.params_dtype,
+        )
+        if cfg.positions == "learned":
+            self.position_embedding = self.param(
+                "position_embedding",
+                with_axes(nn.initializers.normal(cfg.init_std or 0.02), None, "embed"),
+                (cfg.max_len, cfg.d_model),
+                cfg.params_dtype,
+            )
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def __call__(self, tokens: Array, positions: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        x = jnp.take(self.token_embedding, tokens, axis=0)  # [b, t, d]
+        if cfg.scale_embeddings:
+            x = x * np.sqrt(cfg.d_model)
+        if cfg.positions == "learned":
+            x = x + jnp.take(self.position_embedding, positions, axis=0)
+        else:
+            x = x + jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[positions]
+        x = self.dropout(x, deterministic=deterministic)
+        return nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+    def attend(self, x: Array) -> Array:
+        """Logits x E^T, accumulated and returned in float32."""
+        embedding = self.token_embedding.astype(self.config.compute_dtype)
+        return jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
