@@ -1,6 +1,65 @@
-"""Train a model: `python train.py [--config=configs/NAME.py] [--workdir=DIR] [--config.KEY=VALUE]`."""
+"""Train a model, or resume the run in --workdir.
 
+  python train.py                                   # configs/default.py into runs/default
+  python train.py --config=configs/NAME.py --workdir=DIR --config.train.num_steps=100
+
+Every config field can be overridden with --config.SECTION.FIELD=VALUE; unknown fields and
+wrong types are rejected. Running the same command again resumes from the newest checkpoint.
+Multi-host: the same command on every host (TPU pods and SLURM are detected), or pass
+--coordinator_address, --num_processes and --process_id.
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 
+from absl import flags
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", os.path.join(HERE, "configs", "default.py"), "Run config file (configs/*.py)."
+)
+flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
+flags.DEFINE_bool("debug", False, "Show full tracebacks for errors.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def main() -> int:
+    from transformer import distributed
+    from transformer.trainer import train_and_evaluate
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    config = FLAGS.config
+    workdir = FLAGS.workdir
+    if workdir is None:
+        name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+        workdir = os.path.join("runs", name)
+        print(f"no --workdir given: using {workdir}", flush=True)
+    result = train_and_evaluate(config, workdir)
+    if not result.stopped_early:
+        from transformer.inference import print_final_sample
+
+        print_final_sample(result, config)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: the training loop is not built yet (see the training issue).")
+    try:
+        FLAGS(sys.argv)
+    except flags.Error as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a config file that fails to load, an override of a wrong type, ...
+        if "--debug" in sys.argv:
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from transformer.cli import run, setup_logging
+
+    setup_logging(FLAGS.debug)
+    sys.exit(run(main, program="train.py", debug=FLAGS.debug))

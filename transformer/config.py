@@ -227,3 +227,62 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def base_config() -> Any:
+    """Every field a run config has, with its default; `configs/*.py` start from this.
+
+    Returned as an `ml_collections.ConfigDict`, so the command line can override any field
+    (`--config.train.num_steps=100`) and rejects unknown keys and wrong types.
+    """
+    import ml_collections
+
+    config = ml_collections.ConfigDict()
+    # model.*: the ModelConfig fields. vocab_size 0 = the tokenizer's size rounded up to
+    # data.pad_vocab_to_multiple_of (padded ids are never produced or predicted).
+    config.model = ml_collections.ConfigDict({**dataclasses.asdict(ModelConfig()), "vocab_size": 0})
+
+    config.data = ml_collections.ConfigDict()
+    config.data.corpus = (
+        "shakespeare"  # shakespeare | bible_en_de | text:GLOB | jsonl:GLOB | tsv:GLOB
+    )
+    config.data.tokenizer = "char"  # char | bpe | gpt2 (from data.gpt2_vocab)
+    config.data.vocab_size = 4096  # BPE target size (ignored for char)
+    config.data.seq_len = 256  # LM context; for translation the source and target max length
+    config.data.text_field = "text"  # field of a jsonl corpus
+    config.data.gpt2_vocab = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
+    config.data.cache_dir = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
+    config.data.pad_vocab_to_multiple_of = 64  # embedding rows rounded up for fast matmuls
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 1000  # optimizer steps
+    config.train.batch_size = 32  # global batch (sequences), split over data x fsdp
+    config.train.learning_rate = 1e-3  # peak lr (cosine, constant); a factor for inverse_sqrt
+    config.train.min_learning_rate = 1e-4  # end of the cosine decay
+    config.train.warmup_steps = 100  # linear warmup steps
+    config.train.schedule = "cosine"  # cosine | inverse_sqrt (paper eq. 3) | constant
+    config.train.b1 = 0.9  # Adam beta1
+    config.train.b2 = 0.99  # Adam beta2 (0.98 in the paper, 0.95 for GPT-2 scale)
+    config.train.eps = 1e-8  # Adam epsilon (1e-9 in the paper)
+    config.train.weight_decay = 0.1  # AdamW decay on matrices (not biases, norms, embeddings)
+    config.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    config.train.label_smoothing = 0.0  # 0.1 in the paper
+    config.train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+    config.train.seed = 0  # parameters, dropout and data order
+    config.train.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar
+    config.train.eval_every_steps = 250  # held-out loss; 0 = only at the end
+    config.train.eval_batches = 20  # batches per evaluation; 0 = the whole split
+    config.train.sample_tokens = 300  # GPT: characters/tokens sampled at the end; 0 = none
+    config.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = published or measured
+    config.train.nonfinite = "stop"  # non-finite loss: stop (after saving last good) | skip
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 500  # also at the end and on SIGTERM/SIGINT
+    config.checkpoint.keep = 3  # newest checkpoints kept
+    config.checkpoint.init_from = ""  # fine-tune from a workdir or a Hugging Face GPT-2 dir
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel size; -1 = the devices the other axes leave
+    config.mesh.fsdp = 1  # fully sharded data parallel size
+    config.mesh.tensor = 1  # tensor (Megatron) parallel size
+    return config

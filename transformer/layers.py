@@ -33,7 +33,7 @@ def with_axes(init: Initializer, *axes: str | None) -> Initializer:
 def kernel_init(cfg: ModelConfig, fan_in: int, fan_out: int, scale: float = 1.0) -> Initializer:
     """Xavier-uniform over one [fan_in, fan_out] projection (as the paper's reference code) or
     GPT-2's N(0, 0.02 * scale). Fans are explicit because fused kernels (QKV) hold several
-    projections and DenseGeneral flattens kernels before initialising them."""
+    projections."""
     if cfg.init_std > 0:
         return nn.initializers.normal(cfg.init_std * scale)
     limit = np.sqrt(6.0 / (fan_in + fan_out))
@@ -107,6 +107,40 @@ def dot_product_attention(
     return out, weights
 
 
+class Dense(nn.Module):
+    """x [..., *in] . W [*in, *out] + b [*out]; W's axes carry logical names."""
+
+    config: ModelConfig
+    in_features: tuple[int, ...]
+    out_features: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical names of W's axes: in axes, then out axes
+    init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        n_in = len(self.in_features)
+        kernel = self.param(
+            "kernel",
+            with_axes(self.init, *self.axes),
+            (*self.in_features, *self.out_features),
+            cfg.params_dtype,
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ()))
+        )
+        if cfg.use_bias:
+            bias = self.param(
+                "bias",
+                with_axes(nn.initializers.zeros, *self.axes[n_in:]),
+                self.out_features,
+                cfg.params_dtype,
+            )
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (sec. 3.2.2): self-attention with one fused QKV projection, or
     cross-attention (queries from the decoder, keys and values from the encoder output).
@@ -133,35 +167,18 @@ class MultiHeadAttention(nn.Module):
     ) -> Array:
         cfg = self.config
         n, h = cfg.num_heads, cfg.head_dim
-        dense = functools.partial(
-            nn.DenseGeneral,
-            axis=-1,
-            use_bias=cfg.use_bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-        )
+        d = cfg.d_model
+        xavier = kernel_init(cfg, d, d)
         if not self.cross:
-            qkv = dense(
-                features=(3, n, h),
-                kernel_init=with_axes(
-                    kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", None, "heads", "kv"
-                ),
-                bias_init=with_axes(nn.initializers.zeros, None, "heads", "kv"),
-                name="qkv",
-            )(x)  # [b, t, 3, n, h]
+            qkv = Dense(cfg, (d,), (3, n, h), ("embed", None, "heads", "kv"), xavier, name="qkv")(
+                x
+            )  # [b, t, 3, n, h]
             query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if cache_index is not None:
                 key, value = self._append_to_cache(key, value, cache_index)
         else:
-            query = dense(
-                features=(n, h),
-                kernel_init=with_axes(
-                    kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", "heads", "kv"
-                ),
-                bias_init=with_axes(nn.initializers.zeros, "heads", "kv"),
-                name="query",
-            )(x)  # [b, t, n, h]
-            key, value = self._cross_keys_values(memory, cache_index, dense)
+            query = Dense(cfg, (d,), (n, h), ("embed", "heads", "kv"), xavier, name="query")(x)
+            key, value = self._cross_keys_values(memory, cache_index)
 
         dropout_rng = None
         if not self.deterministic and cfg.attention_dropout_rate > 0:
@@ -177,15 +194,10 @@ class MultiHeadAttention(nn.Module):
         )
         if weights is not None:
             self.sow("intermediates", "attention_weights", weights)  # for inspection only
-        return dense(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            kernel_init=with_axes(
-                kernel_init(cfg, cfg.d_model, cfg.d_model, self.out_scale), "heads", "kv", "embed"
-            ),
-            bias_init=with_axes(nn.initializers.zeros, "embed"),
-            name="out",
-        )(out)  # [b, t, d]
+        out_init = kernel_init(cfg, cfg.d_model, cfg.d_model, self.out_scale)
+        return Dense(cfg, (n, h), (cfg.d_model,), ("heads", "kv", "embed"), out_init, name="out")(
+            out
+        )  # [b, t, d]
 
     def _append_to_cache(self, key: Array, value: Array, index: Array) -> tuple[Array, Array]:
         # At cache creation the input spans the whole buffer, so its shape is the buffer's.
@@ -199,7 +211,7 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value  # [b, s, n, h] with s = buffer length
 
     def _cross_keys_values(
-        self, memory: Array | None, cache_index: Array | None, dense: Callable[..., nn.Module]
+        self, memory: Array | None, cache_index: Array | None
     ) -> tuple[Array, Array]:
         cfg = self.config
         if memory is None:
@@ -212,12 +224,13 @@ class MultiHeadAttention(nn.Module):
                 self.get_variable("cache", "cross_key"),
                 self.get_variable("cache", "cross_value"),
             )
-        kv = dense(
-            features=(2, cfg.num_heads, cfg.head_dim),
-            kernel_init=with_axes(
-                kernel_init(cfg, cfg.d_model, cfg.d_model), "embed", None, "heads", "kv"
-            ),
-            bias_init=with_axes(nn.initializers.zeros, None, "heads", "kv"),
+        n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        kv = Dense(
+            cfg,
+            (d,),
+            (2, n, h),
+            ("embed", None, "heads", "kv"),
+            kernel_init(cfg, d, d),
             name="key_value",
         )(memory)  # [b, s, 2, n, h]
         key, value = kv[:, :, 0], kv[:, :, 1]
@@ -236,28 +249,12 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dense = functools.partial(
-            nn.DenseGeneral,
-            use_bias=cfg.use_bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-        )
-        x = dense(
-            cfg.d_ff,
-            kernel_init=with_axes(kernel_init(cfg, cfg.d_model, cfg.d_ff), "embed", "mlp"),
-            bias_init=with_axes(nn.initializers.zeros, "mlp"),
-            name="wi",
-        )(x)  # [b, t, f]
+        d, f = cfg.d_model, cfg.d_ff
+        x = Dense(cfg, (d,), (f,), ("embed", "mlp"), kernel_init(cfg, d, f), name="wi")(x)
         # GPT-2 uses the tanh approximation of GELU; jax.nn.gelu's default is that one.
         x = jax.nn.relu(x) if cfg.activation == "relu" else jax.nn.gelu(x, approximate=True)
-        return dense(
-            cfg.d_model,
-            kernel_init=with_axes(
-                kernel_init(cfg, cfg.d_ff, cfg.d_model, self.out_scale), "mlp", "embed"
-            ),
-            bias_init=with_axes(nn.initializers.zeros, "embed"),
-            name="wo",
-        )(x)  # [b, t, d]
+        wo_init = kernel_init(cfg, f, d, self.out_scale)
+        return Dense(cfg, (f,), (d,), ("mlp", "embed"), wo_init, name="wo")(x)  # [b, t, d]
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:

@@ -1,0 +1,40 @@
+"""GPT-2 small (124M), byte-level BPE, context 1024: for a GPU or TPU and your own corpus.
+
+    python train.py --config=configs/gpt2_small.py --workdir=runs/gpt2 \
+        --config.data.corpus='text:/path/to/corpus/*.txt'
+
+Trains a 50k BPE on the corpus (or use --config.data.tokenizer=gpt2
+--config.data.gpt2_vocab=DIR with GPT-2's vocab.json + merges.txt, and fine-tune from
+Hugging Face weights with --config.checkpoint.init_from=HF_DIR). Batch 480 x 1024 tokens per
+step (about 0.5M, as GPT-2) through gradient accumulation; change mesh.* to shard it.
+"""
+
+from transformer.config import PRESETS, base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.update(PRESETS["gpt2_small"])
+    config.model.update(
+        vocab_size=0,  # tokenizer size padded to a multiple of 64 (50257 -> 50304)
+        dtype="bfloat16",
+        scan_layers=True,  # one compiled layer: a third of the compile time
+        remat_policy="dots_with_no_batch_dims",
+    )
+    config.data.corpus = "shakespeare"  # replace with text:GLOB or jsonl:GLOB
+    config.data.tokenizer = "bpe"
+    config.data.vocab_size = 50257
+    config.data.seq_len = 1024
+    config.train.num_steps = 600000
+    config.train.batch_size = 480
+    config.train.grad_accum_steps = 40  # 12 sequences per micro-batch; fewer on bigger meshes
+    config.train.learning_rate = 6e-4
+    config.train.min_learning_rate = 6e-5
+    config.train.warmup_steps = 2000
+    config.train.b2 = 0.95
+    config.train.weight_decay = 0.1
+    config.train.log_every_steps = 10
+    config.train.eval_every_steps = 1000
+    config.train.eval_batches = 200
+    config.checkpoint.every_steps = 1000
+    return config

@@ -1,0 +1,63 @@
+"""Shared command-line plumbing: one clear line and exit code 2 for user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+USAGE_EXIT_CODE = 2
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong", not "the program is wrong"."""
+    from transformer.checkpoint import CheckpointError
+    from transformer.config import ConfigError
+
+    types: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    try:
+        from transformer.data import DataError
+
+        types.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from transformer.convert import ConvertError
+
+        types.append(ConvertError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def run(main: Callable[[], int | None], *, program: str, debug: bool = False) -> int:
+    """Runs `main`, turning user errors into `program: error: ...` and exit code 2."""
+    try:
+        return int(main() or 0)
+    except user_error_types() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except OSError as e:
+        if debug or e.errno not in (28,):  # ENOSPC: disk full is the user's to fix
+            raise
+        print(
+            f"{program}: error: disk full ({e}); free space or choose another --workdir, then "
+            "run the same command to resume from the last complete checkpoint",
+            file=sys.stderr,
+        )
+        return USAGE_EXIT_CODE
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    # Orbax and absl are chatty at INFO; keep the console for our own messages.
+    for name in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,110 @@
+"""Optax optimiser, learning-rate schedules and the loss.
+
+Schedules:
+  cosine        linear warmup to `learning_rate`, cosine decay to `min_learning_rate` (GPT)
+  inverse_sqrt  lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (paper eq. 3), times
+                `learning_rate` as a factor (1.0 = the paper)
+  constant      linear warmup, then constant
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+
+
+def make_schedule(
+    name: str,
+    *,
+    learning_rate: float,
+    warmup_steps: int,
+    num_steps: int,
+    min_learning_rate: float = 0.0,
+    d_model: int = 512,
+) -> optax.Schedule:
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=learning_rate,
+            warmup_steps=max(warmup_steps, 0),
+            decay_steps=max(num_steps, warmup_steps + 1),
+            end_value=min_learning_rate,
+        )
+    if name == "inverse_sqrt":
+        warmup = max(warmup_steps, 1)
+
+        def inverse_sqrt(count: jax.Array) -> jax.Array:
+            step = jnp.asarray(count, jnp.float32) + 1.0  # the paper counts steps from 1
+            return learning_rate * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup**-1.5)
+
+        return inverse_sqrt
+    if name == "constant":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                optax.constant_schedule(learning_rate),
+            ],
+            [warmup_steps],
+        )
+    raise ValueError(f"train.schedule={name!r}: must be one of {', '.join(SCHEDULES)}")
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: not on biases, norm scales or embeddings."""
+
+    def decays(path: tuple[Any, ...], leaf: jax.Array) -> bool:
+        return getattr(path[-1], "key", None) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(
+    schedule: optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float,
+) -> optax.GradientTransformation:
+    """AdamW with masked decay, after global-norm clipping (0 disables clipping)."""
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
+
+
+def cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    num_classes: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Label-smoothed cross-entropy, returning sums so means stay right under padding,
+    micro-batching and several hosts: (smoothed_loss_sum, nll_sum, weight_sum).
+
+    logits [b, t, v] (float32), targets [b, t], weights [b, t] (0 for padding). Logits of ids
+    >= `num_classes` (vocabulary padding) are excluded. Smoothing puts 1 - eps on the target and
+    eps / (K - 1) on every other real class (sec. 5.4, eps = 0.1 in the paper).
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    num_classes = vocab if num_classes is None else num_classes
+    if num_classes < vocab:
+        real = jnp.arange(vocab) < num_classes
+        logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing > 0:
+        off = label_smoothing / (num_classes - 1)
+        others = -log_probs[..., :num_classes].sum(-1) - nll  # sum of -log p over non-targets
+        loss = (1.0 - label_smoothing) * nll + off * others
+    else:
+        loss = nll
+    weights = weights.astype(jnp.float32)
+    return (loss * weights).sum(), (nll * weights).sum(), weights.sum()
