@@ -1,0 +1,96 @@
+"""Data pipeline speed: BPE training and encoding on Shakespeare, and LM batch throughput.
+
+    python benchmarks/data_pipeline.py                  # 4k BPE, batch 64 x seq_len 256
+    python benchmarks/data_pipeline.py --json out.json  # also write the numbers as JSON
+
+Tokens are encoded into a fresh temporary cache, so the encode time is the first-run cost; the
+loader is the same grain iterator `make_data` hands to the trainer (background prefetch included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from transformer.corpora import Corpus, load_shakespeare_plays
+from transformer.data import iterator, lm_tokens, lm_train_dataset
+from transformer.tokenizer import Tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (sequences)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--batches", type=int, default=2000, help="batches to time the loader on")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    plays = load_shakespeare_plays()
+    train_docs = list(plays["train"].values())
+    chars = sum(map(len, train_docs))
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train_bpe(train_docs, args.vocab_size)
+    train_s = time.perf_counter() - start
+
+    corpus = Corpus("shakespeare", "lm", "benchmark", lambda: {"train": train_docs})
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        tokens = lm_tokens(corpus, "train", tokenizer, Path(cache))
+        encode_s = time.perf_counter() - start
+        tokens = tokens.copy()  # the cache directory goes away; keep the array
+
+    it = iterator(
+        lm_train_dataset(tokens, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0)
+    )
+    for _ in range(20):  # warm up the prefetch threads
+        next(it)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    loader_s = time.perf_counter() - start
+
+    results = {
+        "shakespeare_train_chars": chars,
+        "load_normalise_s": load_s,
+        "bpe_vocab_size": tokenizer.vocab_size,
+        "bpe_train_s": train_s,
+        "encode_s": encode_s,
+        "train_tokens": len(tokens),
+        "chars_per_token": chars / len(tokens),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "loader_batches_per_s": args.batches / loader_s,
+        "loader_tokens_per_s": args.batches * args.batch_size * args.seq_len / loader_s,
+        "cpu_count": os.cpu_count(),
+    }
+    rows = [
+        ("Shakespeare train text", f"{chars / 1e6:.2f} M chars, read+normalised in {load_s:.2f} s"),
+        (f"BPE training ({tokenizer.vocab_size} vocab)", f"{train_s:.2f} s"),
+        (
+            "encode train split",
+            f"{encode_s:.2f} s -> {len(tokens) / 1e6:.2f} M tokens "
+            f"({chars / len(tokens):.2f} chars/token)",
+        ),
+        (
+            f"LM loader ({args.batch_size} x {args.seq_len})",
+            f"{results['loader_batches_per_s']:,.0f} batches/s, "
+            f"{results['loader_tokens_per_s'] / 1e6:,.1f} M tokens/s",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Tokenizers on Hugging Face `tokenizers`: character level, byte-level BPE and GPT-2's vocabulary.
+
+All three kinds are one `Tokenizer` class wrapping a `tokenizers.Tokenizer`, saved as a single
+`tokenizer.json`. Trained kinds share their special ids so models and batches do not care which
+one produced the tokens:
+
+| token   | char | bpe | gpt2                    |
+| ------- | ---- | --- | ----------------------- |
+| `<pad>` | 0    | 0   | none (pad with 0, mask) |
+| `<bos>` | 1    | 1   | 50256 `<|endoftext|>`   |
+| `<eos>` | 2    | 2   | 50256 `<|endoftext|>`   |
+| `<unk>` | 3    | -   | -                       |
+
+`encode` never adds special tokens itself; the data pipeline adds BOS/EOS where a task wants them.
+Special-token strings that occur in user text are encoded as ordinary text, so no input can forge
+an EOS and `decode(encode(s)) == s` holds for any text the vocabulary covers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+GPT2_EOT = "<|endoftext|>"
+CHAR_SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
+BPE_SPECIALS = (PAD, BOS, EOS)  # ids 0..2; byte-level BPE covers every byte so needs no unk
+BYTE_ALPHABET_SIZE = 256
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config; the message names the problem and the fix."""
+
+
+def text_pieces(text: str, chunk_chars: int = 1 << 20) -> list[str]:
+    """`text` cut at line ends into pieces of about `chunk_chars` characters.
+
+    The trainers and `encode_batch` parallelise over pieces; one multi-megabyte string would run
+    on a single core.
+    """
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+class Tokenizer:
+    """A trained or loaded tokenizer: `encode`, `decode`, special ids and a one-file format."""
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        """Wraps `hf`; the kind ('char', 'bpe' or 'gpt2') is read from its model and tokens."""
+        self.hf = hf
+        # Literal "<eos>" etc. in user text stay text; only the pipeline inserts special ids.
+        self.hf.encode_special_tokens = True
+        model_type = type(hf.model).__name__
+        if model_type == "WordLevel" and hf.token_to_id(UNK) == 3:
+            self.kind = "char"
+        elif model_type == "BPE" and hf.token_to_id(GPT2_EOT) is not None:
+            self.kind = "gpt2"
+        elif model_type == "BPE" and hf.token_to_id(BOS) == 1:
+            self.kind = "bpe"
+        else:
+            raise DataError(
+                f"tokenizer with a {model_type} model and no <bos>/<|endoftext|> token is not "
+                "one this library made; train it with Tokenizer.train_char/train_bpe instead."
+            )
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        """Character-level vocabulary: every character of `texts`, plus `<unk>` for unseen ones."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        if not chars:
+            raise DataError("cannot train a tokenizer on empty text; check the training corpus.")
+        vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS)}
+        for ch in sorted(chars):  # sorted: the same corpus always gives the same ids
+            vocab[ch] = len(vocab)
+        hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+        # One pre-token per code point ([\s\S] because '.' skips newlines); Fuse joins on decode.
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens(list(CHAR_SPECIALS))
+        return cls(hf)
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """GPT-2-style byte-level BPE with `vocab_size` entries; any Unicode text round-trips."""
+        minimum = BYTE_ALPHABET_SIZE + len(BPE_SPECIALS)
+        if vocab_size < minimum:
+            raise DataError(
+                f"vocab_size={vocab_size} is too small for byte-level BPE; set data.vocab_size "
+                f">= {minimum} (256 bytes + {len(BPE_SPECIALS)} special tokens)."
+            )
+        hf = tokenizers.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(BPE_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+            show_progress=False,
+        )
+        seen_chars = 0
+
+        def counted() -> Iterator[str]:
+            nonlocal seen_chars
+            for text in texts:
+                for piece in text_pieces(text):
+                    seen_chars += len(piece)
+                    yield piece
+
+        hf.train_from_iterator(counted(), trainer)
+        if not seen_chars:
+            raise DataError("cannot train a tokenizer on empty text; check the training corpus.")
+        return cls(hf)
+
+    @classmethod
+    def from_gpt2_files(
+        cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike
+    ) -> Tokenizer:
+        """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt` (local files only)."""
+        for path in (vocab_json, merges_txt):
+            if not Path(path).is_file():
+                raise DataError(
+                    f"GPT-2 vocabulary file {path} does not exist; set data.gpt2_vocab to a "
+                    "directory holding vocab.json and merges.txt."
+                )
+        hf = tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        if hf.token_to_id(GPT2_EOT) is None:
+            raise DataError(f"{vocab_json} has no {GPT2_EOT} entry; is it GPT-2's vocab.json?")
+        hf.add_special_tokens([GPT2_EOT])  # already in the vocabulary, so it keeps its id
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Reads a `tokenizer.json` written by `save` (a file, or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} does not exist; train one or fix the path.")
+        return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `tokenizer.json` to `path` (a file, or a directory) atomically."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Atomic: a concurrent reader (another host, a sampler) never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a workdir is meant to be shared
+        os.replace(tmp, path)
+
+    def to_json(self) -> str:
+        """The `tokenizer.json` text; also the tokenizer's identity for cache keys."""
+        return self.hf.to_str()
+
+    # ---------------------------------------------------------------- ids
+    @property
+    def pad_id(self) -> int | None:
+        """Padding id (0), or None for GPT-2, which has no pad token."""
+        return self.hf.token_to_id(PAD)
+
+    @property
+    def bos_id(self) -> int:
+        """Beginning-of-sequence id: 1, or 50256 (`<|endoftext|>`) for GPT-2."""
+        return self.hf.token_to_id(GPT2_EOT if self.kind == "gpt2" else BOS)
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence id: 2, or 50256 (`<|endoftext|>`) for GPT-2."""
+        return self.hf.token_to_id(GPT2_EOT if self.kind == "gpt2" else EOS)
+
+    @property
+    def unk_id(self) -> int | None:
+        """Unknown-character id (3) for the char kind; None for byte-level kinds."""
+        return self.hf.token_to_id(UNK) if self.kind == "char" else None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (all ids are below this)."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def padded_vocab_size(self, multiple: int = 64) -> int:
+        """`vocab_size` rounded up to `multiple` for an embedding with friendly shapes.
+
+        nanoGPT pads GPT-2's 50257 to 50304; ids in the padding are never produced.
+        """
+        return -(-self.vocab_size // multiple) * multiple
+
+    # ---------------------------------------------------------------- text <-> ids
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` over many texts, in parallel on all cores."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, skipping special tokens (pad, bos, eos, unk)."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
