@@ -253,6 +253,8 @@ def base_config() -> Any:
     config.data.gpt2_vocab = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
     config.data.cache_dir = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
     config.data.pad_vocab_to_multiple_of = 64  # embedding rows rounded up for fast matmuls
+    config.data.pack = False  # translation: pack several pairs per row (segment ids)
+    config.data.truncate = True  # translation: cut pairs longer than seq_len (False: error)
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 1000  # optimizer steps
@@ -273,6 +275,9 @@ def base_config() -> Any:
     config.train.eval_every_steps = 250  # held-out loss; 0 = only at the end
     config.train.eval_batches = 20  # batches per evaluation; 0 = the whole split
     config.train.sample_tokens = 300  # GPT: characters/tokens sampled at the end; 0 = none
+    config.train.bleu_pairs = 200  # translation: held-out pairs scored with BLEU at the end
+    config.train.beam_size = 4  # translation: beam width for BLEU (sec. 6.1)
+    config.train.beam_alpha = 0.6  # translation: length penalty (sec. 6.1, Wu et al. 2016)
     config.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = published or measured
     config.train.nonfinite = "stop"  # non-finite loss: stop (after saving last good) | skip
 

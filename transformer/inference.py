@@ -13,6 +13,7 @@ positions and masks right.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from transformer.checkpoint import CheckpointError, Checkpoints
-from transformer.config import ModelConfig
+from transformer.config import ConfigError, ModelConfig
 from transformer.models import GPT, EncoderDecoder
 
 Array = jax.Array
@@ -220,3 +221,230 @@ def _self_cache_length(cache: dict[str, Any]) -> int:
         if getattr(path[-1], "key", None) == "key":
             return leaf.shape[-3]
     raise ValueError("the cache holds no self-attention buffers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and translation, text in, text out.
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "num_classes",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_id",
+    ),
+)
+def _generate_ids(
+    params: Any,
+    prompt: Array,
+    offset: Array,
+    rng: Array,
+    *,
+    cfg: ModelConfig,
+    num_classes: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int | None,
+) -> Array:
+    from transformer.decode import sample
+
+    cache = gpt_init_cache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, offset)
+    return sample(
+        gpt_tokens_to_logits(cfg, params, num_classes),
+        prompt,
+        cache,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+    )
+
+
+def _until_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def generate(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """Continues each prompt (a batch, any lengths); returns the generated text only.
+
+    An empty prompt starts from the end-of-text token, which precedes every document in
+    training. The prompt plus `max_new_tokens` must fit the model's context `max_len`.
+    """
+    if not cfg.is_decoder_only:
+        raise ConfigError("generate() needs a GPT run; use translate() for an encoder-decoder")
+    start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+    encoded = [tokenizer.encode(p) or [start] for p in prompts]
+    longest = max(len(ids) for ids in encoded)
+    if longest + max_new_tokens > cfg.max_len:
+        raise ConfigError(
+            f"the prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {cfg.max_len} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    prompt = np.zeros((len(encoded), longest), np.int32)  # left-padded
+    for row, ids in enumerate(encoded):
+        prompt[row, longest - len(ids) :] = ids
+    offset = np.asarray([longest - len(ids) for ids in encoded], np.int32)
+    out = _generate_ids(
+        params,
+        jnp.asarray(prompt),
+        jnp.asarray(offset),
+        jax.random.key(seed),
+        cfg=cfg,
+        num_classes=tokenizer.vocab_size,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        eos_id=tokenizer.eos_id if stop_at_eos else None,
+    )
+    eos = tokenizer.eos_id if stop_at_eos else None
+    return [tokenizer.decode(_until_eos(row, eos)) for row in np.asarray(out).tolist()]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "num_classes", "length", "bos_id", "eos_id", "beam_size", "alpha"),
+)
+def _translate_ids(
+    params: Any,
+    src: Array,
+    src_segment_ids: Array,
+    *,
+    cfg: ModelConfig,
+    num_classes: int | None,
+    length: int,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int,
+    alpha: float,
+) -> Array:
+    from transformer.decode import beam_search
+
+    cache = encdec_init_cache(cfg, params, src, src_segment_ids, length, bos_id)
+    sequences, _ = beam_search(
+        encdec_tokens_to_logits(cfg, params, num_classes),
+        cache,
+        batch_size=src.shape[0],
+        bos_id=bos_id,
+        eos_id=eos_id,
+        beam_size=beam_size,
+        alpha=alpha,
+        max_len=length,
+    )
+    return sequences[:, 0]  # the best hypothesis of each example
+
+
+def translate(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    sentences: list[str],
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    extra_length: int = 50,
+    batch_size: int = 32,
+) -> list[str]:
+    """Beam search (the paper: beam 4, alpha 0.6, at most input length + 50 tokens, sec. 6.1).
+
+    beam_size 1 is greedy decoding. Sources longer than the model's context are cut to fit.
+    """
+    if cfg.is_decoder_only:
+        raise ConfigError("translate() needs an encoder-decoder run; use generate() for a GPT")
+    if beam_size < 1:
+        raise ConfigError(f"beam_size={beam_size} must be at least 1")
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    results: list[str] = []
+    for start in range(0, len(sentences), batch_size):
+        chunk = [
+            (tokenizer.encode(s) + [eos])[: cfg.max_len]
+            for s in sentences[start : start + batch_size]
+        ]
+        width = -(-max(len(ids) for ids in chunk) // 8) * 8  # round up: fewer recompilations
+        width = min(width, cfg.max_len)
+        src = np.zeros((len(chunk), width), np.int32)
+        segments = np.zeros((len(chunk), width), np.int32)
+        for row, ids in enumerate(chunk):
+            src[row, : len(ids)] = ids
+            segments[row, : len(ids)] = 1
+        out = _translate_ids(
+            params,
+            jnp.asarray(src),
+            jnp.asarray(segments),
+            cfg=cfg,
+            num_classes=tokenizer.vocab_size,
+            length=min(width + extra_length, cfg.max_len),
+            bos_id=bos,
+            eos_id=eos,
+            beam_size=beam_size,
+            alpha=float(alpha),
+        )
+        results += [tokenizer.decode(_until_eos(row, eos)) for row in np.asarray(out).tolist()]
+    return results
+
+
+def bleu(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+) -> tuple[float, list[str]]:
+    """Corpus BLEU (sacrebleu, its default 13a tokenisation) of translations of `pairs`."""
+    import sacrebleu
+
+    hypotheses = translate(
+        cfg, params, tokenizer, [src for src, _ in pairs], beam_size=beam_size, alpha=alpha
+    )
+    score = sacrebleu.corpus_bleu(hypotheses, [[tgt for _, tgt in pairs]]).score
+    return float(score), hypotheses
+
+
+def print_final_sample(result: Any, config: Any) -> None:
+    """After training: a GPT prints a sample; an encoder-decoder a few held-out translations."""
+    if jax.process_index() != 0:
+        return
+    cfg, params, tokenizer = result.setup.model_cfg, result.state.params, result.tokenizer
+    params = jax.device_get(params)
+    if cfg.is_decoder_only:
+        if config.train.sample_tokens <= 0:
+            return
+        tokens = min(config.train.sample_tokens, cfg.max_len - 1)
+        text = generate(
+            cfg,
+            params,
+            tokenizer,
+            [""],
+            max_new_tokens=tokens,
+            temperature=0.8,
+            seed=config.train.seed,
+        )[0]
+        print(f"\n--- sample ({tokens} tokens, temperature 0.8) ---\n{text}\n---", flush=True)
+    elif result.eval_pairs:
+        pairs = result.eval_pairs[:3]
+        outputs = translate(cfg, params, tokenizer, [src for src, _ in pairs])
+        for (src, tgt), out in zip(pairs, outputs, strict=True):
+            print(f"\nsource:    {src}\nreference: {tgt}\nmodel:     {out}", flush=True)

@@ -83,7 +83,9 @@ def forward(
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits = model.apply({"params": params}, inputs, deterministic=not train, rngs=rngs)
-        return logits, targets, jnp.ones(targets.shape, jnp.float32)
+        # Evaluation batches mark the rows that pad out the last batch with mask 0.
+        weights = batch["mask"] if "mask" in batch else jnp.ones(targets.shape)
+        return logits, targets, weights.astype(jnp.float32)
     logits = model.apply(
         {"params": params},
         batch["src"],
@@ -464,8 +466,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     writer = MetricsWriter(workdir, enabled=is_main)
     stop = StopSignal()
     last: dict[str, Any] = {}
-    pending: list[dict[str, jax.Array]] = []
-    tick, tick_step = time.perf_counter(), start
+    pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no host sync
+    timer = _Throughput(start)
 
     from tqdm import tqdm
 
@@ -475,40 +477,25 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     step = start
     try:
         with within_mesh(setup), stop:
-            while step < t.num_steps:
+            while step < t.num_steps and not stop.requested:
                 batch = shd.global_batch(next(data.train_iter), setup.mesh)
                 state, metrics = setup.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
                 bar.update(1)
-                log_now = step % t.log_every_steps == 0 or step == t.num_steps
-                eval_now = (t.eval_every_steps and step % t.eval_every_steps == 0) or (
-                    step == t.num_steps
-                )
+                final = step == t.num_steps
+                log_now = final or step % t.log_every_steps == 0
+                eval_now = final or (t.eval_every_steps and step % t.eval_every_steps == 0)
                 if log_now or eval_now:
-                    summed = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))
+                    record = _summarise(
+                        pending, step, timer, setup, t, flops_token / (peak * devices)
+                    )
                     pending = []
-                    now = time.perf_counter()
-                    tokens_per_sec = float(summed["tokens"]) / max(now - tick, 1e-9)
-                    record = {
-                        "train_loss": float(summed["nll_sum"] / max(summed["tokens"], 1.0)),
-                        "learning_rate": float(setup.schedule(step - 1)),
-                        "tokens_per_sec": tokens_per_sec,
-                        "mfu": tokens_per_sec * flops_token / (peak * devices),
-                        "grad_norm": float(summed["grad_norm"]) / (step - tick_step),
-                    }
-                    if summed["nonfinite"]:
-                        record["nonfinite_steps"] = int(summed["nonfinite"])
-                        if t.nonfinite == "stop":
-                            raise FloatingPointError(
-                                f"non-finite loss or gradients at step {step}; the last good "
-                                "checkpoint is kept. Lower train.learning_rate, or set "
-                                "train.nonfinite=skip to skip such updates"
-                            )
                     if eval_now:
-                        record.update(
-                            evaluate(setup, state.params, data.eval_batches(t.eval_batches or None))
-                        )
+                        batches = data.eval_batches(t.eval_batches or None)
+                        record.update(evaluate(setup, state.params, batches))
+                    if final and data.eval_pairs and t.bleu_pairs:
+                        record["bleu"] = _bleu(setup, state.params, data, t)
                     writer.write(step, record)
                     last = {"step": step, **record}
                     bar.set_postfix(
@@ -518,42 +505,89 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                             if k in ("train_loss", "val_loss", "tokens_per_sec", "mfu")
                         }
                     )
-                    tick, tick_step = time.perf_counter(), step
-                if log_now and jax.process_count() > 1:
-                    stop.sync()  # all processes agree, so all save the same step together
-                if (
-                    step % config.checkpoint.every_steps == 0
-                    or step == t.num_steps
-                    or stop.requested
-                ):
+                    if jax.process_count() > 1:
+                        stop.sync()  # all processes agree, so all save the same step together
+                if final or stop.requested or step % config.checkpoint.every_steps == 0:
                     checkpoints.save(step, state, data.train_iter, config.to_dict())
-                    if stop.requested:
-                        checkpoints.wait()
-                        if is_main:
-                            print(
-                                f"\nstopped by {stop.signal_name} at step {step}; checkpoint "
-                                f"saved, run the same command to resume",
-                                flush=True,
-                            )
-                        break
-        checkpoints.wait()
+                timer.restart(step)  # evaluation and saving do not count as training time
+            checkpoints.wait()
     finally:
         bar.close()
         writer.close()
         checkpoints.close()
-    if is_main and step >= t.num_steps:
+    if is_main and stop.requested:
         print(
-            f"done: step {step}, "
-            + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k in ("train_loss", "val_loss")),
+            f"stopped by {stop.signal_name} at step {step}; checkpoint saved, run the same "
+            "command to resume",
             flush=True,
         )
+    elif is_main:
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in last.items() if k in ("train_loss", "val_loss", "bleu")
+        )
+        print(f"done: step {step}, {shown}", flush=True)
     return TrainResult(
         metrics=last,
         state=state,
         setup=setup,
         tokenizer=data.tokenizer,
         stopped_early=stop.requested,
+        eval_pairs=data.eval_pairs,
     )
+
+
+class _Throughput:
+    """Wall time of training steps only, between restarts."""
+
+    def __init__(self, step: int) -> None:
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.time, self.step = time.perf_counter(), step
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.time, 1e-9)
+
+
+def _summarise(
+    pending: list[dict[str, jax.Array]],
+    step: int,
+    timer: _Throughput,
+    setup: Setup,
+    t: Any,
+    mfu_per_token_per_sec: float,
+) -> dict[str, Any]:
+    summed = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))  # the one host sync
+    tokens_per_sec = float(summed["tokens"]) / timer.elapsed()
+    record: dict[str, Any] = {
+        "train_loss": float(summed["nll_sum"] / max(summed["tokens"], 1.0)),
+        "learning_rate": float(setup.schedule(step - 1)),
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": tokens_per_sec * mfu_per_token_per_sec,
+        "grad_norm": float(summed["grad_norm"]) / len(pending),
+    }
+    if summed["nonfinite"]:
+        record["nonfinite_steps"] = int(summed["nonfinite"])
+        if t.nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradients before step {step}; the last good checkpoint is "
+                "kept. Lower train.learning_rate, or set train.nonfinite=skip to skip such updates"
+            )
+    return record
+
+
+def _bleu(setup: Setup, params: Any, data: Any, t: Any) -> float:
+    from transformer.inference import bleu
+
+    score, _ = bleu(
+        setup.model_cfg,
+        jax.device_get(params),
+        data.tokenizer,
+        data.eval_pairs[: t.bleu_pairs],
+        beam_size=t.beam_size,
+        alpha=t.beam_alpha,
+    )
+    return score
 
 
 @dataclasses.dataclass
@@ -563,3 +597,4 @@ class TrainResult:
     setup: Setup
     tokenizer: Any
     stopped_early: bool  # a signal ended the run before train.num_steps
+    eval_pairs: list[tuple[str, str]] | None = None  # translation: held-out (source, target)
