@@ -49,17 +49,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        FLAGS(sys.argv)
-    except flags.Error as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # a config file that fails to load, an override of a wrong type, ...
-        if "--debug" in sys.argv:
-            raise
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from transformer.cli import run, setup_logging
+    from transformer.cli import parse_flags_or_exit, run, setup_logging
 
+    parse_flags_or_exit(sys.argv, "train.py")
     setup_logging(FLAGS.debug)
     sys.exit(run(main, program="train.py", debug=FLAGS.debug))

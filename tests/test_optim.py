@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from transformer.config import ConfigError
 from transformer.optim import cross_entropy, decay_mask, make_schedule
 
 
@@ -39,7 +40,7 @@ def test_cosine_with_warmup():
 def test_constant_schedule_and_unknown_name():
     schedule = make_schedule("constant", learning_rate=0.5, warmup_steps=10, num_steps=100)
     np.testing.assert_allclose([float(schedule(s)) for s in (5, 10, 99)], [0.25, 0.5, 0.5])
-    with pytest.raises(ValueError, match="train.schedule"):
+    with pytest.raises(ConfigError, match="train.schedule"):
         make_schedule("linear", learning_rate=1.0, warmup_steps=1, num_steps=2)
 
 

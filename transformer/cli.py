@@ -58,6 +58,31 @@ def setup_logging(debug: bool) -> None:
     )
     # Orbax and absl are chatty at INFO; keep the console for our own messages.
     for name in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_flags_or_exit(argv: list[str], program: str) -> None:
+    """absl flag parsing with one line and exit code 2 on bad flags (absl prints usage)."""
+    from absl import flags
+
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
+    except Exception as e:  # e.g. a config file that fails to load or a wrong-typed override
+        if "--debug" in argv:
+            raise
+        message = str(e)
+        if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an unknown field
+            name = str(e.args[0]).strip("'\"") if e.args else ""
+            culprit = [a for a in argv if a.startswith("--config.") and f".{name}" in a]
+            shown = culprit[0].split("=")[0][2:] if culprit else name
+            message = (
+                f"unknown config field {shown!r}; check its spelling against the fields "
+                "in transformer/config.py base_config()"
+            )
+        print(f"{program}: error: {message}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)

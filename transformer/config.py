@@ -257,7 +257,8 @@ def base_config() -> Any:
     config.data.truncate = True  # translation: cut pairs longer than seq_len (False: error)
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 1000  # optimizer steps
+    config.train.num_steps = 1000  # optimizer steps (also the length of the lr schedule)
+    config.train.stop_at_step = 0  # stop early with a checkpoint (resume later); 0 = num_steps
     config.train.batch_size = 32  # global batch (sequences), split over data x fsdp
     config.train.learning_rate = 1e-3  # peak lr (cosine, constant); a factor for inverse_sqrt
     config.train.min_learning_rate = 1e-4  # end of the cosine decay

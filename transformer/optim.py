@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer.config import ConfigError
+
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 
 
@@ -51,7 +53,7 @@ def make_schedule(
             ],
             [warmup_steps],
         )
-    raise ValueError(f"train.schedule={name!r}: must be one of {', '.join(SCHEDULES)}")
+    raise ConfigError(f"train.schedule={name!r}: must be one of {', '.join(SCHEDULES)}")
 
 
 def decay_mask(params: Any) -> Any:

@@ -477,7 +477,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     step = start
     try:
         with within_mesh(setup), stop:
-            while step < t.num_steps and not stop.requested:
+            last_step = min(t.stop_at_step or t.num_steps, t.num_steps)
+            while step < last_step and not stop.requested:
                 batch = shd.global_batch(next(data.train_iter), setup.mesh)
                 state, metrics = setup.train_step(state, batch)
                 pending.append(metrics)
@@ -507,7 +508,12 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                     )
                     if jax.process_count() > 1:
                         stop.sync()  # all processes agree, so all save the same step together
-                if final or stop.requested or step % config.checkpoint.every_steps == 0:
+                if (
+                    final
+                    or stop.requested
+                    or step == last_step
+                    or step % config.checkpoint.every_steps == 0
+                ):
                     checkpoints.save(step, state, data.train_iter, config.to_dict())
                 timer.restart(step)  # evaluation and saving do not count as training time
             checkpoints.wait()
@@ -521,6 +527,12 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
             "command to resume",
             flush=True,
         )
+    elif is_main and step < t.num_steps:
+        print(
+            f"stopped at train.stop_at_step={step} with a checkpoint; run again with "
+            "stop_at_step=0 to continue",
+            flush=True,
+        )
     elif is_main:
         shown = ", ".join(
             f"{k} {v:.4f}" for k, v in last.items() if k in ("train_loss", "val_loss", "bleu")
@@ -531,7 +543,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         state=state,
         setup=setup,
         tokenizer=data.tokenizer,
-        stopped_early=stop.requested,
+        stopped_early=step < t.num_steps,
         eval_pairs=data.eval_pairs,
     )
 
@@ -596,5 +608,5 @@ class TrainResult:
     state: TrainState
     setup: Setup
     tokenizer: Any
-    stopped_early: bool  # a signal ended the run before train.num_steps
+    stopped_early: bool  # a signal or train.stop_at_step ended the run before num_steps
     eval_pairs: list[tuple[str, str]] | None = None  # translation: held-out (source, target)

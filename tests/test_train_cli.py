@@ -1,0 +1,112 @@
+"""train.py end to end, in subprocesses: exact resume, errors, the workdir's contents."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(workdir, *overrides, check=True, devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py",
+           f"--workdir={workdir}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return [(m["step"], m["train_loss"], m.get("val_loss")) for m in metrics(workdir)]
+
+
+def final_params(workdir):
+    import jax
+
+    from transformer.inference import load_params
+
+    return jax.tree.leaves(load_params(workdir)[1])
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    proc = train(workdir)
+    return workdir, proc
+
+
+def test_workdir_holds_config_tokenizer_checkpoints_and_metrics(straight_run):
+    workdir, proc = straight_run
+    assert {"config.json", "tokenizer.json", "checkpoints", "metrics.jsonl"} <= set(
+        os.listdir(workdir))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    records = metrics(workdir)
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    for key in ("train_loss", "learning_rate", "tokens_per_sec", "mfu"):
+        assert all(isinstance(r[key], float) for r in records)
+    assert "val_loss" in records[1] and "val_loss" in records[3]
+    assert records[-1]["val_loss"] < records[1]["val_loss"] < np.log(64)
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["model"]["vocab_size"] % 64 == 0 and config["train"]["num_steps"] == 20
+    assert "sample" in proc.stdout  # a generated sample is printed at the end
+
+
+def test_resume_in_a_new_process_is_exact(straight_run, tmp_path):
+    workdir, _ = straight_run
+    split = str(tmp_path / "split")
+    first = train(split, "--config.train.stop_at_step=10")
+    assert "stopped at train.stop_at_step=10" in first.stdout
+    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["10"]
+    train(split)  # the same command again resumes from step 10
+    assert losses(split) == losses(workdir)  # bit for bit, validation included
+    for a, b in zip(final_params(split), final_params(workdir), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_data_parallel_run_matches_single_device(straight_run, tmp_path):
+    workdir, _ = straight_run
+    dp = str(tmp_path / "dp")
+    train(dp, devices=8)
+    for (s1, l1, v1), (s8, l8, v8) in zip(losses(workdir), losses(dp), strict=True):
+        assert s1 == s8
+        np.testing.assert_allclose(l8, l1, atol=1e-5)
+        if v1 is not None:
+            np.testing.assert_allclose(v8, v1, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.train.bogus=1"], "unknown config field 'config.train.bogus'"),
+        (["--config.train.num_steps=ten"], "num_steps"),
+        (["--config.model.num_heads=5"], "model.d_model=32: must be divisible by model.num_heads"),
+        (["--config.mesh.data=3"], "mesh data=3"),
+        (["--config.data.corpus=text:/nonexistent/*.txt"], "/nonexistent"),
+        (["--config.train.schedule=linear"], "train.schedule"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, overrides, message):
+    proc = train(str(tmp_path / "bad"), *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("train.py: error: ") and message in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_resuming_with_another_model_is_refused(straight_run, tmp_path):
+    workdir, _ = straight_run
+    proc = train(workdir, "--config.model.d_model=64", check=False)
+    assert proc.returncode == 2
+    assert "holds a run of a different model (model.d_model: 32 -> 64)" in proc.stderr
