@@ -1,0 +1,162 @@
+"""Fine-tuning: a run initialised from Hugging Face GPT-2 weights or from another run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_gpt2_vocab(directory):
+    """A GPT-2-shaped vocabulary: the 256 byte symbols, a few merges, <|endoftext|> last."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    return len(vocab)
+
+
+def train(workdir, *overrides):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.sample_tokens=0",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    vocab_size = write_gpt2_vocab(directory)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory / "hf")
+    return directory
+
+
+GPT2_FLAGS = [
+    "--config.model.d_model=64",
+    "--config.model.d_ff=256",
+    "--config.model.max_len=32",
+    "--config.data.tokenizer=gpt2",
+]
+
+
+def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
+    from transformer.config import base_config
+    from transformer.convert import load_hf_gpt2
+    from transformer.trainer import _initial_params_from, make_setup, resolve_model_config
+
+    config = base_config()
+    config.model.update(
+        d_model=64,
+        d_ff=256,
+        max_len=32,
+        num_heads=4,
+        num_encoder_layers=0,
+        num_decoder_layers=2,
+        activation="gelu",
+        norm_position="pre",
+        norm_epsilon=1e-5,
+        positions="learned",
+        scale_embeddings=False,
+    )
+    config.train.batch_size = 8
+    config.data.seq_len = 32
+    import jax
+
+    for scan in (False, True):
+        config.model.scan_layers = scan
+        model_cfg = resolve_model_config(config, 263)
+        setup = make_setup(config, model_cfg, 263, devices=jax.devices()[:1])
+        params = _initial_params_from(str(hf_checkpoint / "hf"), setup)
+        _, expected = load_hf_gpt2(str(hf_checkpoint / "hf"), pad_vocab_to=320, scan_layers=scan)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_finetune_resume_and_sample(hf_checkpoint, tmp_path):
+    workdir = str(tmp_path / "ft")
+    flags = [
+        *GPT2_FLAGS,
+        f"--config.data.gpt2_vocab={hf_checkpoint}",
+        f"--config.checkpoint.init_from={hf_checkpoint / 'hf'}",
+    ]
+    train(workdir, *flags, "--config.train.stop_at_step=10")
+    train(workdir, *flags)  # resumes from its own checkpoint, not from init_from again
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [5, 10, 15, 20]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transformer.sample",
+            f"--workdir={workdir}",
+            "--prompt=the",
+            "--max_new_tokens=5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("the"), proc.stderr[-2000:]
+
+    # Another run can start from this one's checkpoint; a different model is refused.
+    second = str(tmp_path / "second")
+    train(
+        second,
+        *GPT2_FLAGS,
+        f"--config.data.gpt2_vocab={hf_checkpoint}",
+        f"--config.checkpoint.init_from={workdir}",
+        "--config.train.num_steps=5",
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/tiny.py",
+            f"--workdir={tmp_path / 'bad'}",
+            *GPT2_FLAGS,
+            "--config.model.num_decoder_layers=3",
+            f"--config.data.gpt2_vocab={hf_checkpoint}",
+            f"--config.checkpoint.init_from={workdir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "model.num_decoder_layers: 2 there, 3 here" in proc.stderr
