@@ -3,10 +3,11 @@
     python train.py --config=configs/translation_en_de.py --workdir=runs/translation_en_de
     python -m transformer.translate --workdir=runs/translation_en_de --bleu
 
-A 3+3-layer encoder-decoder (d_model 256) with the paper's recipe (post-norm, ReLU, sinusoidal
-positions, shared 8k BPE vocabulary, Adam 0.9/0.98/1e-9, inverse-sqrt warmup, label smoothing
-0.1). On two CPU cores it trains in about 20 minutes; the validation loss ends far below the
-unigram baseline and beam search produces readable German for held-out books.
+A 3+3-layer encoder-decoder (d_model 192) with the paper's recipe (post-norm, ReLU, sinusoidal
+positions, shared 4k BPE vocabulary, Adam 0.9/0.98/1e-9, inverse-sqrt warmup, label smoothing
+0.1), pairs packed into rows with segment ids. On two CPU cores it trains in about 20 minutes;
+the validation loss ends far below the unigram baseline (6.7 nats per token) and beam search
+produces German for held-out books.
 """
 
 from transformer.config import PRESETS, base_config
@@ -17,9 +18,9 @@ def get_config():
     config.model.update(PRESETS["transformer_base"])
     config.model.update(
         vocab_size=0,  # the shared BPE vocabulary, padded to a multiple of 64
-        d_model=256,
+        d_model=192,
         num_heads=4,
-        d_ff=1024,
+        d_ff=768,
         num_encoder_layers=3,
         num_decoder_layers=3,
         max_len=160,  # room for beam search: source length + 50
@@ -27,13 +28,14 @@ def get_config():
     )
     config.data.corpus = "bible_en_de"  # World English Bible -> Elberfelder 1905
     config.data.tokenizer = "bpe"
-    config.data.vocab_size = 8000
-    config.data.seq_len = 96  # longer verses are cut (about 1%)
-    config.train.num_steps = 3000
-    config.train.batch_size = 48
+    config.data.vocab_size = 4000
+    config.data.seq_len = 96  # per row; longer verses are cut (fewer than 0.1%)
+    config.data.pack = True  # about two verse pairs per row, segment ids keep them apart
+    config.train.num_steps = 2500
+    config.train.batch_size = 24
     config.train.schedule = "inverse_sqrt"
-    config.train.learning_rate = 2.0  # factor on eq. 3: peak 2 * 256^-0.5 * 800^-0.5 = 4.4e-3
-    config.train.warmup_steps = 800
+    config.train.learning_rate = 1.0  # factor on eq. 3: peak 192^-0.5 * 600^-0.5 = 2.9e-3
+    config.train.warmup_steps = 600
     config.train.b1 = 0.9
     config.train.b2 = 0.98
     config.train.eps = 1e-9

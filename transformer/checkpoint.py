@@ -1,25 +1,47 @@
 """Orbax checkpoints of a run: train state, data-iterator position and the resolved config.
 
 Each step is one directory `checkpoints/<step>/` with the items `state` (params, optimizer
-state, step, RNG), `data` (the grain iterator's position, one file per process) and `config`
-(JSON). Orbax writes into a temporary directory and renames it when complete, so a process
-killed mid-save leaves the previous checkpoint as the newest complete one. `restore` reads into
-an abstract, sharded target: a checkpoint saved on one mesh restores onto another.
+state, step, RNG), `data` (the grain iterator's position, one file per process), `config`
+(JSON) and `metrics` (JSON: the metric sums since the last log, so a run resumed between two log
+steps logs the numbers an uninterrupted run logs). `restore` reads into an abstract, sharded
+target: a checkpoint saved on one mesh restores onto another.
+
+What protects a checkpoint (checked on orbax-checkpoint 0.12.8, see tests/test_faults.py):
+- A save writes into `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` only when every
+  item is complete (on object stores, which cannot rename, a `commit_success.txt` marks it).
+  Orbax lists only names that are all digits, so a process killed mid-save leaves the previous
+  checkpoint as the newest; the temporary directory is removed when the next run opens the
+  manager (`cleanup_tmp_directories`).
+- A step whose files were later truncated or deleted fails to read: `restore_latest_good`
+  warns and falls back to the previous step, then moves the damaged one aside to
+  `<step>.damaged/` (so training can save that step again).
+- A disk that fills during a save raises `CheckpointDiskFullError` (an `OSError` with errno
+  ENOSPC) naming the step and the newest complete checkpoint; the half-written temporary
+  directory is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save in progress
+DAMAGED_SUFFIX = ".damaged"
+
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint could be read."""
+
+
+class CheckpointDiskFullError(OSError):
+    """The disk filled up while a checkpoint was written (errno ENOSPC)."""
 
 
 def _grain_args() -> tuple[Any, Any]:
@@ -28,11 +50,34 @@ def _grain_args() -> tuple[Any, Any]:
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
+def _is_disk_full(e: BaseException) -> bool:
+    """Orbax reports ENOSPC from tensorstore as ValueError('RESOURCE_EXHAUSTED: ... No space
+    left on device [os_error_code=28]'), not as an OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """The root cause's first line, shortened: tensorstore messages run to kilobytes."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Checkpoints:
     def __init__(
         self, directory: str, *, keep: int = 3, async_save: bool = False, read_only: bool = False
     ):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             create=not read_only,
@@ -41,7 +86,7 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,  # drop half-written saves of a killed run
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_names=("state", "data", "config", "metrics")
         )
 
     def all_steps(self) -> list[int]:
@@ -51,7 +96,12 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(
-        self, step: int, state: Any, data_iter: Any = None, config: dict[str, Any] | None = None
+        self,
+        step: int,
+        state: Any,
+        data_iter: Any = None,
+        config: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         save, _ = _grain_args()
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
@@ -59,7 +109,23 @@ class Checkpoints:
             items["data"] = save(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if metrics is not None:
+            items["metrics"] = ocp.args.JsonSave(metrics)
+        newest = self.latest_step()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            # Free what the failed save wrote; the next start would remove it anyway.
+            shutil.rmtree(os.path.join(self.directory, f"{step}{TMP_SUFFIX}"), ignore_errors=True)
+            kept = f"the checkpoint at step {newest} is intact" if newest else "no checkpoint yet"
+            raise CheckpointDiskFullError(
+                errno.ENOSPC,
+                f"disk full while saving the checkpoint at step {step} in {self.directory} "
+                f"({kept}); free space or choose another --workdir, then run the same command "
+                "to resume",
+            ) from e
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores `state` into the abstract target's shapes, dtypes and shardings, and moves
@@ -76,33 +142,73 @@ class Checkpoints:
         abstract_state: Any,
         data_iter: Any = None,
     ) -> tuple[int, Any] | None:
-        """The newest checkpoint that reads back whole; damaged ones are reported and skipped."""
+        """The newest checkpoint that reads back whole. A damaged one is reported and the
+        previous step tried; once one reads, the damaged ones are moved aside to
+        `<step>.damaged/` (unless read-only). None when there is no checkpoint at all."""
+        damaged = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.restore(step, abstract_state, data_iter)
+                state = self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+                damaged.append(step)
                 log.warning(
-                    "checkpoint at step %d is damaged or incomplete (%s: %s); "
-                    "falling back to the previous one",
+                    "the checkpoint at step %d is damaged or incomplete (%s); falling back to "
+                    "the previous checkpoint",
                     step,
-                    type(e).__name__,
-                    e,
+                    _short(e),
                 )
-        if self.all_steps():
+                continue
+            if damaged:
+                log.warning(
+                    "resuming from step %d instead of the damaged step(s) %s",
+                    step,
+                    ", ".join(map(str, damaged)),
+                )
+            self._move_aside(damaged)
+            return step, state
+        if damaged:  # left in place: nothing is lost by trying again, or by looking at them
             raise CheckpointError(
-                f"no checkpoint in {self.directory} could be read; move the directory away to "
-                "start afresh"
+                f"no checkpoint in {self.directory} could be read (damaged steps: "
+                f"{', '.join(map(str, damaged))}); move the directory away to start afresh"
             )
         return None
 
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames damaged steps out of Orbax's sight, so training can save those steps again
+        (Orbax refuses to overwrite a step) while the files stay for a post-mortem."""
+        import jax
+
+        if self.read_only:
+            return
+        if steps and jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = source + DAMAGED_SUFFIX
+                shutil.rmtree(target, ignore_errors=True)
+                if os.path.isdir(source):
+                    os.replace(source, target)
+                    log.warning("moved the damaged checkpoint to %s", target)
+        if jax.process_count() > 1:  # every process reloads after process 0 renamed
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("transformer.checkpoint.move_aside")
+        self.manager.reload()
+
     def read_config(self, step: int) -> dict[str, Any] | None:
+        return self._read_json(step, "config")
+
+    def read_metrics(self, step: int) -> dict[str, Any] | None:
+        """The metric sums pending at `step` (None for a checkpoint saved without them)."""
+        return self._read_json(step, "metrics")
+
+    def _read_json(self, step: int, item: str) -> dict[str, Any] | None:
         try:
             restored = self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
             )
-        except Exception:  # noqa: BLE001 - an old or damaged checkpoint without a config item
+        except Exception:  # noqa: BLE001 - an old or damaged checkpoint without the item
             return None
-        return restored["config"]
+        return restored[item]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import inspect
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable
 
-USAGE_EXIT_CODE = 2
+USAGE_EXIT_CODE = 2  # the input is wrong: config, files, devices, disk space
+FAILURE_EXIT_CODE = 1  # the run failed (it diverged); the message names the fix
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -33,7 +36,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def run(main: Callable[[], int | None], *, program: str, debug: bool = False) -> int:
-    """Runs `main`, turning user errors into `program: error: ...` and exit code 2."""
+    """Runs `main`, turning user errors into `program: error: ...` and exit code 2 (a
+    diverged run: exit code 1), without a traceback unless `debug`."""
+    from transformer.reliability import NonFiniteError
+
     try:
         return int(main() or 0)
     except user_error_types() as e:
@@ -41,14 +47,23 @@ def run(main: Callable[[], int | None], *, program: str, debug: bool = False) ->
             traceback.print_exc()
         print(f"{program}: error: {e}", file=sys.stderr)
         return USAGE_EXIT_CODE
+    except NonFiniteError as e:  # the run diverged: the message names the step and the fix
+        if debug:
+            traceback.print_exc()
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return FAILURE_EXIT_CODE
     except OSError as e:
-        if debug or e.errno not in (28,):  # ENOSPC: disk full is the user's to fix
+        if debug or e.errno != errno.ENOSPC:  # disk full is the user's to fix
             raise
-        print(
-            f"{program}: error: disk full ({e}); free space or choose another --workdir, then "
-            "run the same command to resume from the last complete checkpoint",
-            file=sys.stderr,
+        from transformer.checkpoint import CheckpointDiskFullError
+
+        message = (
+            e.strerror
+            if isinstance(e, CheckpointDiskFullError)
+            else f"disk full ({e}); free space or choose another --workdir, then run the same "
+            "command to resume from the last complete checkpoint"
         )
+        print(f"{program}: error: {message}", file=sys.stderr)
         return USAGE_EXIT_CODE
 
 
@@ -61,6 +76,27 @@ def setup_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # Orbax logs the tracebacks of its writer threads (absl, ERROR) before the same error
+        # reaches the main thread, where it becomes our one-line message; --debug shows them.
+        # The same for its asyncio readers and writers: after one fails (a damaged checkpoint,
+        # a full disk) the others' errors surface as unretrieved tasks, coroutines collected
+        # with an exception and callbacks into a closed event loop.
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        sys.unraisablehook = _quiet_unraisable
+
+
+def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """Drops the asyncio leftovers of a failed Orbax read or write (see setup_logging);
+    anything else goes to the default hook."""
+    exc = unraisable.exc_value
+    if (
+        sys.is_finalizing()
+        or inspect.iscoroutine(unraisable.object)
+        or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def parse_flags_or_exit(argv: list[str], program: str) -> None:

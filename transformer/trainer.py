@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -226,6 +227,12 @@ def make_setup(
     config: Any, model_cfg: ModelConfig, num_classes: int, devices: list[jax.Device] | None = None
 ) -> Setup:
     t = config.train
+    if config.data.seq_len > model_cfg.max_len:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} is longer than model.max_len="
+            f"{model_cfg.max_len}, the longest sequence the model takes; lower data.seq_len or "
+            "raise model.max_len"
+        )
     if t.batch_size % max(t.grad_accum_steps, 1):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by "
@@ -387,34 +394,44 @@ def _initial_params_from(init_from: str, setup: Setup) -> Any:
         from transformer.inference import load_params
 
         source_cfg, params = load_params(init_from)
-        check = {k: v for k, v in source_cfg.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
-        mine = {k: v for k, v in setup.model_cfg.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
-        if check != mine:
-            diffs = [f"{k}: {check[k]!r} vs {mine[k]!r}" for k in mine if check.get(k) != mine[k]]
-            raise ConfigError(
-                f"checkpoint.init_from={init_from} has another model ({'; '.join(diffs)}); "
-                "use the same model.* settings as that run"
-            )
+        if source_cfg.scan_layers != setup.model_cfg.scan_layers:
+            from transformer.convert import stack_layers, unstack_layers
+
+            params = (stack_layers if setup.model_cfg.scan_layers else unstack_layers)(params)
     elif os.path.exists(os.path.join(init_from, "config.json")):
         from transformer.convert import load_hf_gpt2
 
-        _, params = load_hf_gpt2(init_from, pad_vocab_to=setup.model_cfg.vocab_size)
+        source_cfg, params = load_hf_gpt2(init_from, pad_vocab_to=setup.model_cfg.vocab_size,
+                                          scan_layers=setup.model_cfg.scan_layers)
     else:
         raise ConfigError(
             f"checkpoint.init_from={init_from!r} is neither a run directory (with checkpoints/) "
             "nor a Hugging Face GPT-2 directory (with config.json); check the path"
         )
-    return jax.tree.map(
-        lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding),
-        params,
-        setup.abstract_state.params,
-    )
+    ignored = (*RUNTIME_MODEL_FIELDS, "vocab_size", "init_std")
+    source, mine = source_cfg.to_dict(), setup.model_cfg.to_dict()
+    diffs = [f"model.{k}: {source[k]!r} there, {mine[k]!r} here" for k in mine
+             if k not in ignored and source.get(k) != mine[k]]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint.init_from={init_from} holds another model ({'; '.join(diffs)}); use "
+            "the same model.* settings as that checkpoint"
+        )
+    source_vocab = jax.tree.leaves(params["embed"]["token_embedding"])[0].shape[0]
+    if source_vocab != setup.model_cfg.vocab_size:
+        raise ConfigError(
+            f"checkpoint.init_from={init_from} has {source_vocab} embedding rows but this run's "
+            f"model.vocab_size is {setup.model_cfg.vocab_size}; fine-tune with the tokenizer "
+            "of that run (data.tokenizer=gpt2 for GPT-2 weights)"
+        )
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding),
+                        params, setup.abstract_state.params)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`."""
     from transformer.data import make_data
-    from transformer.reliability import StopSignal
+    from transformer.reliability import StopSignal, truncate_metrics
 
     t = config.train
     is_main = jax.process_index() == 0
@@ -440,7 +457,6 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         restored = checkpoints.restore_latest_good(setup.abstract_state, data.train_iter)
         if restored is not None:
             start, state = restored
-            log.info("resuming from the checkpoint at step %d", start)
         else:
             start = 0
             state = setup.init_state(jax.random.key_data(jax.random.key(t.seed)))
@@ -448,6 +464,13 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                 state = state.replace(
                     params=_initial_params_from(config.checkpoint.init_from, setup)
                 )
+    # Metric sums pending since the last log at `start`: a resume between log steps logs the
+    # same numbers as an uninterrupted run. Records a killed run logged past `start` are dropped.
+    pending = _pending_metrics(setup, checkpoints.read_metrics(start) if restored else None)
+    if is_main:
+        truncate_metrics(workdir, start)
+        if restored is not None:
+            print(f"resuming from the checkpoint at step {start}", flush=True)
     num_params = count_params(state.params)
     seq_len = config.data.seq_len
     flops_token = flops_per_token(model_cfg, num_params, seq_len)
@@ -466,7 +489,6 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     writer = MetricsWriter(workdir, enabled=is_main)
     stop = StopSignal()
     last: dict[str, Any] = {}
-    pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no host sync
     timer = _Throughput(start)
 
     from tqdm import tqdm
@@ -481,17 +503,21 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
             while step < last_step and not stop.requested:
                 batch = shd.global_batch(next(data.train_iter), setup.mesh)
                 state, metrics = setup.train_step(state, batch)
-                pending.append(metrics)
+                pending = _accumulate(pending, metrics, step + 1)  # on device: no host sync
                 step += 1
+                stop.check_preemption(step)  # multi-process: JAX's preemption sync point
                 bar.update(1)
                 final = step == t.num_steps
                 log_now = final or step % t.log_every_steps == 0
                 eval_now = final or (t.eval_every_steps and step % t.eval_every_steps == 0)
+                busy = time.perf_counter()  # logging, evaluating and saving are not training
                 if log_now or eval_now:
+                    summed = jax.device_get(pending)  # the one host sync
+                    _check_finite(summed, None, t, checkpoints)
                     record = _summarise(
-                        pending, step, timer, setup, t, flops_token / (peak * devices)
+                        summed, step, timer, setup, t, flops_token / (peak * devices)
                     )
-                    pending = []
+                    pending = _pending_metrics(setup)
                     if eval_now:
                         batches = data.eval_batches(t.eval_batches or None)
                         record.update(evaluate(setup, state.params, batches))
@@ -514,8 +540,14 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                     or step == last_step
                     or step % config.checkpoint.every_steps == 0
                 ):
-                    checkpoints.save(step, state, data.train_iter, config.to_dict())
-                timer.restart(step)  # evaluation and saving do not count as training time
+                    # Steps since the last log may have gone non-finite: never save such a state.
+                    summed = jax.device_get(pending)
+                    _check_finite(summed, state.params, t, checkpoints)
+                    checkpoints.save(step, state, data.train_iter, config.to_dict(), _plain(summed))
+                if log_now or eval_now:
+                    timer.restart(step)
+                else:
+                    timer.exclude(time.perf_counter() - busy)
             checkpoints.wait()
     finally:
         bar.close()
@@ -549,42 +581,104 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
 
 
 class _Throughput:
-    """Wall time of training steps only, between restarts."""
+    """Wall time spent training since the last log: excludes evaluation and saving."""
 
     def __init__(self, step: int) -> None:
         self.restart(step)
 
     def restart(self, step: int) -> None:
-        self.time, self.step = time.perf_counter(), step
+        self.time, self.step, self.excluded = time.perf_counter(), step, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
 
     def elapsed(self) -> float:
-        return max(time.perf_counter() - self.time, 1e-9)
+        return max(time.perf_counter() - self.time - self.excluded, 1e-9)
+
+
+# Sums of the step metrics since the last log, kept on device (and in checkpoints).
+_PENDING_DTYPES = {
+    "loss_sum": np.float32,
+    "nll_sum": np.float32,
+    "tokens": np.float32,
+    "grad_norm": np.float32,
+    "nonfinite": np.int32,  # steps with a non-finite loss or gradient norm
+    "steps": np.int32,
+    "first_nonfinite": np.int32,  # the first such step, 0 = none
+}
+
+
+def _pending_metrics(setup: Setup, saved: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+    """Zero sums (or a checkpoint's), replicated over the mesh like the step's metrics."""
+    sharding = shd.replicated(setup.mesh)
+    values = {k: np.asarray((saved or {}).get(k, 0), d) for k, d in _PENDING_DTYPES.items()}
+    return {
+        k: jax.make_array_from_callback((), sharding, lambda _, v=v: v) for k, v in values.items()
+    }
+
+
+@jax.jit
+def _accumulate(
+    pending: dict[str, jax.Array], metrics: dict[str, jax.Array], step: jax.Array
+) -> dict[str, jax.Array]:
+    # A non-finite step (skipped, or about to stop the run) is counted, not summed.
+    finite = metrics["nonfinite"] == 0
+    out = {k: pending[k] + jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+    out["nonfinite"] = pending["nonfinite"] + metrics["nonfinite"]
+    out["steps"] = pending["steps"] + 1
+    first = (metrics["nonfinite"] > 0) & (pending["first_nonfinite"] == 0)
+    out["first_nonfinite"] = jnp.where(first, step, pending["first_nonfinite"])
+    return out
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _plain(summed: dict[str, Any]) -> dict[str, Any]:
+    return {k: np.asarray(v).item() for k, v in summed.items()}
+
+
+def _check_finite(summed: dict[str, Any], params: Any, t: Any, checkpoints: Checkpoints) -> None:
+    """Raises NonFiniteError when a step since the last log went non-finite and
+    train.nonfinite='stop', or when `params` (about to be saved) are not all finite."""
+    from transformer.reliability import NonFiniteError
+
+    bad_step = int(summed["first_nonfinite"]) if t.nonfinite == "stop" else 0
+    if not bad_step and (params is None or bool(_all_finite(params))):
+        return
+    newest = checkpoints.latest_step()
+    kept = f"the checkpoint at step {newest} is kept" if newest else "no checkpoint was saved"
+    what = (
+        f"non-finite loss or gradients at step {bad_step}" if bad_step else "non-finite parameters"
+    )
+    raise NonFiniteError(
+        f"{what} ({kept}); lower train.learning_rate or raise train.warmup_steps, or set "
+        "train.nonfinite=skip to skip non-finite updates"
+    )
 
 
 def _summarise(
-    pending: list[dict[str, jax.Array]],
+    summed: dict[str, Any],
     step: int,
     timer: _Throughput,
     setup: Setup,
     t: Any,
     mfu_per_token_per_sec: float,
 ) -> dict[str, Any]:
-    summed = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))  # the one host sync
     tokens_per_sec = float(summed["tokens"]) / timer.elapsed()
+    finite_steps = int(summed["steps"]) - int(summed["nonfinite"])
     record: dict[str, Any] = {
-        "train_loss": float(summed["nll_sum"] / max(summed["tokens"], 1.0)),
+        # NaN when every step since the last log was skipped as non-finite
+        "train_loss": float(summed["nll_sum"] / summed["tokens"]) if finite_steps else math.nan,
         "learning_rate": float(setup.schedule(step - 1)),
         "tokens_per_sec": tokens_per_sec,
         "mfu": tokens_per_sec * mfu_per_token_per_sec,
-        "grad_norm": float(summed["grad_norm"]) / len(pending),
+        "grad_norm": float(summed["grad_norm"]) / finite_steps if finite_steps else math.nan,
     }
-    if summed["nonfinite"]:
+    if summed["nonfinite"]:  # train.nonfinite=skip: those updates were not applied
         record["nonfinite_steps"] = int(summed["nonfinite"])
-        if t.nonfinite == "stop":
-            raise FloatingPointError(
-                f"non-finite loss or gradients before step {step}; the last good checkpoint is "
-                "kept. Lower train.learning_rate, or set train.nonfinite=skip to skip such updates"
-            )
     return record
 
 
