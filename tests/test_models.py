@@ -68,8 +68,9 @@ def test_attention_matches_numpy(kind):
     if mask is not None:  # masked keys get exactly zero weight
         hidden = ~np.broadcast_to(np.asarray(mask), weights.shape)
         rows_with_keys = np.asarray(mask).any(-1, keepdims=True)
-        assert np.all(np.asarray(weights)[hidden & np.broadcast_to(rows_with_keys, hidden.shape)]
-                      == 0.0)
+        assert np.all(
+            np.asarray(weights)[hidden & np.broadcast_to(rows_with_keys, hidden.shape)] == 0.0
+        )
 
 
 def test_sinusoidal_table_is_the_papers_formula():
@@ -87,7 +88,9 @@ def test_attention_weights_can_be_inspected():
     x = tokens((2, 5))
     params = init(model, x)
     _, state = model.apply({"params": params}, x, mutable=["intermediates"])
-    weights = state["intermediates"]["decoder"]["layers_0"]["self_attention"]["attention_weights"][0]
+    weights = state["intermediates"]["decoder"]["layers_0"]["self_attention"]["attention_weights"][
+        0
+    ]
     assert weights.shape == (2, cfg.num_heads, 5, 5)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
     assert float(jnp.abs(jnp.triu(weights, k=1)).max()) == 0.0  # causal
@@ -107,6 +110,7 @@ def test_gpt_causality_by_gradient():
     x = tokens((1, 8))
     params = init(model, x)
     for i in range(8):
+
         def out_i(position_table, i=i):
             p = jax.tree.map(lambda a: a, params)
             p["embed"]["position_embedding"] = position_table
@@ -193,7 +197,9 @@ def test_gpt2_small_has_124m_parameters():
 def test_transformer_base_parameter_count_matches_formula():
     cfg = preset("transformer_base", vocab_size=37000)
     shapes = jax.eval_shape(
-        lambda: init(EncoderDecoder(cfg), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32))
+        lambda: init(
+            EncoderDecoder(cfg), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32)
+        )
     )
     v, d, f, n_enc, n_dec = 37000, 512, 2048, 6, 6
     attention = 4 * (d * d + d)  # W_Q, W_K, W_V, W_O with biases
@@ -207,7 +213,9 @@ def test_transformer_base_parameter_count_matches_formula():
 
 
 def paths(params):
-    return sorted("/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    return sorted(
+        "/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    )
 
 
 def test_parameter_names_are_stable():
@@ -330,8 +338,11 @@ def test_scan_and_remat_equal_plain_model(remat, decoder_only):
     plain_loss, plain_grad = jax.value_and_grad(lambda p: loss(cls(plain_cfg), p))(params)
     scan_loss, scan_grad = jax.value_and_grad(lambda p: loss(scanned, p))(scanned_params)
     np.testing.assert_allclose(scan_loss, plain_loss, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(stack_layers(plain_grad, plain_grad)),
-                    jax.tree.leaves(scan_grad), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(stack_layers(plain_grad, plain_grad)),
+        jax.tree.leaves(scan_grad),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

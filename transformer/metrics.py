@@ -114,11 +114,19 @@ def measure_matmul_flops(size: int = 2048, repeats: int = 5, dtype: Any = jnp.fl
     return 2.0 * size**3 / float(np.median(times))
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-    """(FLOP/s, source): the published peak for known accelerators, else measured."""
-    device = jax.local_devices()[0]
+def known_peak_flops(device: Any) -> float | None:
+    """The published dense bfloat16 peak of a known accelerator (per device), else None."""
     kind = getattr(device, "device_kind", "")
     for name, peak in KNOWN_PEAK_FLOPS.items():
         if name.lower() in kind.lower():
-            return peak, f"published bf16 peak of {kind}"
+            return peak
+    return None
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, source): the published peak for known accelerators, else measured."""
+    device = jax.local_devices()[0]
+    peak = known_peak_flops(device)
+    if peak is not None:
+        return peak, f"published bf16 peak of {device.device_kind}"
     return measure_matmul_flops(), f"measured float32 matmul on {device.platform}"

@@ -1,0 +1,125 @@
+"""Compile time of a train step with the layers under `nn.scan` vs unrolled.
+
+    python benchmarks/compile_time.py                  # configs/gpt2_small.py (12 layers)
+    python benchmarks/compile_time.py --json out.json  # also write the numbers as JSON
+
+Times `jax.jit(train_step).lower(...)` and `.compile()` on abstract (shape-only) inputs, so no
+parameters are materialised and no step runs. Everything else in the config (dtype, remat,
+gradient accumulation) stays as it is; only `model.scan_layers` differs between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as common
+import jax
+import numpy as np
+
+from transformer.sharding import batch_sharding
+from transformer.trainer import dummy_batch, make_setup, resolve_model_config, within_mesh
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/gpt2_small.py", help="run config")
+    parser.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.num_decoder_layers=24 (repeatable)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser.parse_args()
+
+
+def compile_times(config: Any, vocab: int, scan: bool) -> dict[str, Any]:
+    config.model.scan_layers = scan
+    model_cfg = resolve_model_config(config, vocab)
+    setup = make_setup(config, model_cfg, num_classes=vocab)
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(setup.mesh))
+        for k, v in dummy_batch(model_cfg, config.train.batch_size, config.data.seq_len).items()
+    }
+    with within_mesh(setup):
+        start = time.perf_counter()
+        lowered = setup.train_step.lower(setup.abstract_state, batch)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+    hlo_lines = compiled.as_text().count("\n")
+    return {"lower_s": lower_s, "compile_s": compile_s, "optimized_hlo_lines": hlo_lines}
+
+
+def main() -> None:
+    args = parse_args()
+    machine = common.machine()
+    config = common.load_run_config(args.config)
+    common.apply_overrides(config, args.set)
+    results: dict[str, Any] = {
+        "machine": machine,
+        "config": args.config,
+        "model": {
+            k: config.model[k]
+            for k in ("num_decoder_layers", "d_model", "num_heads", "dtype", "remat_policy")
+        },
+        "batch_size": config.train.batch_size,
+        "grad_accum_steps": config.train.grad_accum_steps,
+        "seq_len": config.data.seq_len,
+    }
+    # Unrolled first: if anything were cached between the two, it would favour the unrolled one.
+    results["unrolled"] = compile_times(config, args.vocab, scan=False)
+    results["scan"] = compile_times(config, args.vocab, scan=True)
+    for key in ("lower_s", "compile_s"):
+        results[f"ratio_{key}"] = results["scan"][key] / results["unrolled"][key]
+    total = {k: results[k]["lower_s"] + results[k]["compile_s"] for k in ("scan", "unrolled")}
+    results["ratio_total"] = total["scan"] / total["unrolled"]
+    results["machine"]["load_average_end"] = common.load_average()
+
+    m = results["model"]
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average"] or ()) or "n/a"
+    print(
+        f"{args.config}: {m['num_decoder_layers']} layers x {m['d_model']}, {m['dtype']}, "
+        f"remat {m['remat_policy']}, batch {results['batch_size']} in "
+        f"{results['grad_accum_steps']} micro-batches x {results['seq_len']} tokens"
+    )
+    print(f"{machine['platform']}, {machine['cores']} cores, jax {machine['jax']}, load {load}")
+    rows = []
+    for name in ("unrolled", "scan"):
+        r = results[name]
+        rows.append(
+            (
+                f"scan_layers={name == 'scan'}",
+                f"{r['lower_s']:.2f}",
+                f"{r['compile_s']:.2f}",
+                f"{r['lower_s'] + r['compile_s']:.2f}",
+                f"{r['optimized_hlo_lines']:,}",
+            )
+        )
+    rows.append(
+        (
+            "scan / unrolled",
+            f"{results['ratio_lower_s']:.2f}",
+            f"{results['ratio_compile_s']:.2f}",
+            f"{results['ratio_total']:.2f}",
+            "",
+        )
+    )
+    common.print_table(["", "lower (s)", "compile (s)", "total (s)", "HLO lines"], rows)
+    verdict = "meets" if results["ratio_compile_s"] <= 1 / 3 else "misses"
+    print(
+        f"compile time with scan is {results['ratio_compile_s']:.2f} of unrolled ({verdict} <= 1/3)"
+    )
+    common.write_json(
+        args.json, {k: (np.round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Training throughput of a GPT: tokens/s, step time, compile time, memory and MFU, side by side
+with Hugging Face `transformers` GPT2LMHeadModel trained on torch CPU in the same run.
+
+    python benchmarks/train_throughput.py                    # 6 layers x 384, context 256, batch 8
+    python benchmarks/train_throughput.py --json out.json    # also write the numbers as JSON
+    python benchmarks/train_throughput.py --config configs/gpt2_small.py --vocab 50257 \\
+        --batch 8 --set model.attention_impl=cudnn --no-reference
+
+The default shape is a character-level GPT (vocabulary 65, float32, AdamW, no dropout). Both
+models train on the same random tokens for the same steps, in alternating blocks so that load
+from other processes hits both alike; torch uses as many threads as this process has cores.
+MFU counts 6N + 12 L H Q T FLOPs per token (`transformer.metrics.flops_per_token`) against a
+float32 matrix product measured in the same run and, on known accelerators, the published dense
+bfloat16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.config import PRESETS, base_config
+from transformer.metrics import flops_per_token, known_peak_flops, measure_matmul_flops
+from transformer.sharding import global_batch
+from transformer.trainer import count_params, make_setup, resolve_model_config, within_mesh
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="benchmark a run config (configs/NAME.py) instead")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 6)")
+    parser.add_argument("--heads", type=int, help="attention heads (default 6)")
+    parser.add_argument("--width", type=int, help="d_model (default 384)")
+    parser.add_argument("--ff", type=int, help="feed-forward width (default 4 x width)")
+    parser.add_argument("--context", type=int, help="sequence length (default 256)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default 8)")
+    parser.add_argument("--dtype", help="compute dtype: float32 (default) | bfloat16")
+    parser.add_argument("--vocab", type=int, default=65, help="tokenizer vocabulary (default 65)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.scan_layers=true (repeatable)",
+    )
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of timed steps")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the transformers+torch reference (skipped anyway off CPU)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser.parse_args()
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    if args.config:
+        config = common.load_run_config(args.config)
+    else:
+        config = base_config()
+        config.model.update(PRESETS["gpt2_small"])  # pre-norm, GELU, learned positions, tied
+        config.model.update(
+            vocab_size=0,
+            num_decoder_layers=6,
+            num_heads=6,
+            d_model=384,
+            d_ff=4 * 384,
+            max_len=256,
+            dropout_rate=0.0,
+            attention_dropout_rate=0.0,
+            dtype="float32",
+        )
+        config.data.seq_len = 256
+        config.train.batch_size = 8
+    for flag, key in (
+        ("layers", "num_decoder_layers"),
+        ("heads", "num_heads"),
+        ("width", "d_model"),
+    ):
+        if getattr(args, flag) is not None:
+            config.model[key] = getattr(args, flag)
+    if args.width is not None and args.ff is None:
+        config.model.d_ff = 4 * args.width
+    if args.ff is not None:
+        config.model.d_ff = args.ff
+    if args.dtype is not None:
+        config.model.dtype = args.dtype
+    if args.context is not None:
+        config.data.seq_len = args.context
+    if args.batch is not None:
+        config.train.batch_size = args.batch
+    config.train.grad_accum_steps = 1  # one micro-batch per step: the batch is the step
+    common.apply_overrides(config, args.set)
+    config.model.max_len = max(config.model.max_len, config.data.seq_len)
+    config.train.num_steps = 10**6  # no schedule end in sight
+    config.train.warmup_steps = 0
+    return config
+
+
+class Ours:
+    """The library's own jitted, sharded, donated train step."""
+
+    def __init__(self, config: Any, vocab: int, tokens: np.ndarray):
+        self.model_cfg = resolve_model_config(config, vocab)
+        self.setup = make_setup(config, self.model_cfg, num_classes=vocab)
+        with within_mesh(self.setup):
+            self.state = self.setup.init_state(jax.random.key_data(jax.random.key(0)))
+            self.batch = global_batch({"tokens": tokens}, self.setup.mesh)
+            start = time.perf_counter()
+            lowered = self.setup.train_step.lower(self.state, self.batch)
+            self.lower_s = time.perf_counter() - start
+            start = time.perf_counter()
+            self.step_fn = lowered.compile()
+            self.compile_s = time.perf_counter() - start
+        self.num_params = count_params(self.state.params)
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        self.losses.append(float(metrics["loss_sum"] / metrics["tokens"]))  # waits for the step
+
+
+class Reference:
+    """transformers GPT2LMHeadModel, float32 on torch CPU, AdamW with the same settings."""
+
+    def __init__(self, config: Any, vocab: int, tokens: np.ndarray):
+        import torch
+        import torch.nn.functional as F
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        torch.set_num_threads(common.num_cores())
+        torch.manual_seed(0)
+        m, t = config.model, config.train
+        hf_config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=config.data.seq_len,
+            n_embd=m.d_model,
+            n_layer=m.num_decoder_layers,
+            n_head=m.num_heads,
+            n_inner=m.d_ff,
+            activation_function="gelu_new",
+            layer_norm_epsilon=m.norm_epsilon,
+            resid_pdrop=m.dropout_rate,
+            embd_pdrop=m.dropout_rate,
+            attn_pdrop=m.attention_dropout_rate,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.model = GPT2LMHeadModel(hf_config).train()
+        self.attention = self.model.config._attn_implementation
+        self.params = list(self.model.parameters())
+        self.num_params = sum(p.numel() for p in self.params)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=t.learning_rate,
+            betas=(t.b1, t.b2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+        )
+        self.grad_clip = t.grad_clip
+        self.tokens = torch.from_numpy(tokens).long()
+        self.vocab = vocab
+        self.torch, self.F = torch, F
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        inputs, targets = self.tokens[:, :-1], self.tokens[:, 1:]
+        logits = self.model(input_ids=inputs).logits
+        loss = self.F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+        loss.backward()
+        if self.grad_clip > 0:
+            self.torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(float(loss.detach()))
+
+
+def main() -> None:
+    args = parse_args()
+    config = build_config(args)
+    batch, seq_len = config.train.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (batch, seq_len + 1), np.int32)
+    platform = jax.local_devices()[0].platform
+    machine = common.machine()  # load average now, before this run adds to it
+    run_reference = not args.no_reference and platform == "cpu"
+
+    ours = Ours(config, args.vocab, tokens)
+    cfg = ours.model_cfg
+    for _ in range(args.warmup):
+        ours.step()
+    memory_ours = common.device_peak_memory_bytes()
+    memory_source = "device peak_bytes_in_use"
+    if memory_ours is None:
+        memory_ours, memory_source = common.peak_host_memory_bytes(), "process RSS high-water"
+
+    reference = None
+    if run_reference:
+        reference = Reference(config, args.vocab, tokens)
+        for _ in range(args.warmup):
+            reference.step()
+    rss_all = common.peak_host_memory_bytes()
+
+    # Alternate blocks of steps (and the matmul peak) so that outside load affects all alike.
+    big = platform != "cpu"
+    matmul_dtype = jnp.float32
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    matmul: list[float] = []
+    per_round = max(args.steps // args.rounds, 1)
+    for _ in range(args.rounds):
+        with within_mesh(ours.setup):
+            times["ours"] += common.time_calls(ours.step, per_round)
+        matmul.append(measure_matmul_flops(size=8192 if big else 2048, dtype=matmul_dtype))
+        if reference is not None:
+            time.sleep(0.2)  # let torch's and XLA's worker threads go idle between blocks
+            times["reference"] += common.time_calls(reference.step, per_round)
+            time.sleep(0.2)
+
+    devices = 1 if platform == "cpu" else jax.device_count()  # simulated CPU devices share cores
+    tokens_per_step = batch * seq_len
+    flops_token = flops_per_token(cfg, ours.num_params, seq_len)
+    measured = common.median(matmul)
+    published = known_peak_flops(jax.local_devices()[0])
+
+    def summary(name: str, num_params: int, losses: list[float]) -> dict[str, Any]:
+        step_s = common.median(times[name])
+        tokens_per_s = tokens_per_step / step_s
+        flops = flops_per_token(
+            dataclasses.replace(cfg, vocab_size=args.vocab), num_params, seq_len
+        )
+        if name == "ours":
+            flops = flops_token
+        achieved = tokens_per_s * flops / devices
+        return {
+            "tokens_per_s": tokens_per_s,
+            "step_s_median": step_s,
+            "step_s_min": min(times[name]),
+            "steps_timed": len(times[name]),
+            "num_params": num_params,
+            "flops_per_token": flops,
+            "achieved_flops_per_device": achieved,
+            "mfu_vs_measured_matmul": achieved / measured,
+            "mfu_vs_published_peak": achieved / published if published else None,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
+
+    results: dict[str, Any] = {
+        "machine": machine,
+        "shape": {
+            "layers": cfg.num_decoder_layers,
+            "heads": cfg.num_heads,
+            "d_model": cfg.d_model,
+            "d_ff": cfg.d_ff,
+            "context": seq_len,
+            "batch": batch,
+            "vocab": args.vocab,
+            "embedding_rows": cfg.vocab_size,
+            "dtype": cfg.dtype,
+            "scan_layers": cfg.scan_layers,
+            "remat_policy": cfg.remat_policy,
+            "attention_impl": cfg.attention_impl,
+            "config": args.config or "default",
+        },
+        "measured_matmul_flops": measured,
+        "measured_matmul_dtype": jnp.dtype(matmul_dtype).name,
+        "published_peak_flops": published,
+        "ours": {
+            **summary("ours", ours.num_params, ours.losses),
+            "lower_s": ours.lower_s,
+            "compile_s": ours.compile_s,
+            "peak_memory_bytes": memory_ours,
+            "peak_memory_source": memory_source,
+        },
+    }
+    if reference is not None:
+        results["reference"] = {
+            **summary("reference", reference.num_params, reference.losses),
+            "library": "transformers GPT2LMHeadModel, torch CPU float32",
+            "attention": reference.attention,
+            "threads": reference.torch.get_num_threads(),
+            "peak_memory_bytes_process": rss_all,
+        }
+        results["ratio_tokens_per_s"] = (
+            results["ours"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
+        )
+    results["machine"]["load_average_end"] = common.load_average()
+    report(results)
+    common.write_json(args.json, results)
+
+
+def report(results: dict[str, Any]) -> None:
+    s, m, o = results["shape"], results["machine"], results["ours"]
+    r = results.get("reference")
+    print(
+        f"GPT {s['layers']} layers x {s['heads']} heads x {s['d_model']} wide (ff {s['d_ff']}), "
+        f"context {s['context']}, batch {s['batch']}, vocab {s['vocab']} "
+        f"({s['embedding_rows']} embedding rows), {s['dtype']}, {o['num_params'] / 1e6:.2f}M params"
+    )
+    load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m["load_average"] else "n/a"
+    print(
+        f"{m['platform']} ({m['device_kind']}), {m['cores']} cores, jax {m['jax']}, "
+        f"load average {load} at start"
+    )
+    peak = results["published_peak_flops"]
+    measured = results["measured_matmul_flops"]
+
+    def mfu(x: dict[str, Any], key: str) -> str:
+        return "n/a" if x[key] is None else f"{100 * x[key]:.1f}%"
+
+    rows = [
+        ("tokens/s", f"{o['tokens_per_s']:,.0f}"),
+        ("step time, median (ms)", f"{1e3 * o['step_s_median']:.1f}"),
+        ("step time, min (ms)", f"{1e3 * o['step_s_min']:.1f}"),
+        ("compile time (s)", f"{o['compile_s']:.2f}"),
+        ("peak memory (MiB)", f"{o['peak_memory_bytes'] / 2**20:,.0f}"),
+        ("achieved GFLOP/s", f"{o['achieved_flops_per_device'] / 1e9:,.1f}"),
+        (
+            f"MFU vs measured {results['measured_matmul_dtype']} matmul",
+            mfu(o, "mfu_vs_measured_matmul"),
+        ),
+        ("MFU vs published bf16 peak", mfu(o, "mfu_vs_published_peak")),
+        ("loss first -> last", f"{o['loss_first']:.3f} -> {o['loss_last']:.3f}"),
+    ]
+    if r is not None:
+        ref = [
+            f"{r['tokens_per_s']:,.0f}",
+            f"{1e3 * r['step_s_median']:.1f}",
+            f"{1e3 * r['step_s_min']:.1f}",
+            "-",
+            f"{r['peak_memory_bytes_process'] / 2**20:,.0f} (both)",
+            f"{r['achieved_flops_per_device'] / 1e9:,.1f}",
+            mfu(r, "mfu_vs_measured_matmul"),
+            mfu(r, "mfu_vs_published_peak"),
+            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+        ]
+        common.print_table(
+            ["", "ours (JAX/Flax)", f"transformers+torch ({r['threads']} threads)"],
+            [(name, value, theirs) for (name, value), theirs in zip(rows, ref, strict=False)],
+        )
+    else:
+        common.print_table(["", "ours (JAX/Flax)"], rows)
+    print(
+        f"machine limit: measured {results['measured_matmul_dtype']} matmul "
+        f"{measured / 1e9:,.1f} GFLOP/s"
+        + (f"; published peak {peak / 1e12:,.0f} TFLOP/s" if peak else "")
+        + f"; peak memory: {o['peak_memory_source']}"
+    )
+    if r is not None:
+        print(f"ours / transformers+torch tokens/s: {results['ratio_tokens_per_s']:.2f}x")
+    end = m.get("load_average_end")
+    if end:
+        print(f"load average at end: {', '.join(f'{x:.2f}' for x in end)}")
+
+
+if __name__ == "__main__":
+    main()
