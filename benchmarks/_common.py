@@ -112,7 +112,8 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     for n, row in enumerate(cells):
         print(
             "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=False))
             )
         )
         if n == 0:
