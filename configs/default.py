@@ -2,8 +2,9 @@
 
     python train.py            # = --config=configs/default.py --workdir=runs/default
 
-Reaches a validation loss of about 1.6 nats per character on the held-out plays in about five
-minutes on two CPU cores, then prints a sample that reads like a play.
+Reaches a validation loss of 1.72 nats per character on the held-out plays after 2000 steps
+(about seven minutes on two otherwise idle CPU cores), then prints a sample with speaker names
+and line breaks.
 """
 
 from transformer.config import PRESETS, base_config
