@@ -5,9 +5,9 @@
 
 A 3+3-layer encoder-decoder (d_model 192) with the paper's recipe (post-norm, ReLU, sinusoidal
 positions, shared 4k BPE vocabulary, Adam 0.9/0.98/1e-9, inverse-sqrt warmup, label smoothing
-0.1), pairs packed into rows with segment ids. On two CPU cores it trains in about 20 minutes;
-the validation loss ends far below the unigram baseline (6.7 nats per token) and beam search
-produces German for held-out books.
+0.1), pairs packed into rows with segment ids. Measured on two CPU cores shared with other jobs:
+2500 steps in about an hour, validation loss 2.94 nats per token (a unigram model: 6.7), BLEU
+13.4 with beam 4 on the 371 held-out verses of Ecclesiastes and Galatians.
 """
 
 from transformer.config import PRESETS, base_config

@@ -107,6 +107,96 @@ def dot_product_attention(
     return out, weights
 
 
+def _self_attention_forward(qkv: Array, mask: Array | None) -> tuple[Array, tuple[Array, ...]]:
+    # Head-major [3, b, n, t, h] once, so every product below is a plain batched matmul.
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    scores = _batched_matmul(q, k, 3, 3, jnp.float32)  # [b, n, t, s]
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # Unnormalised exp(scores - max) times V, divided by the row sums afterwards: the division
+    # touches [b, n, t, h] instead of [b, n, t, s].
+    exp = jnp.exp(scores - scores.max(-1, keepdims=True))  # [b, n, t, s]
+    inv_sum = 1.0 / exp.sum(-1, keepdims=True)  # [b, n, t, 1]
+    out = _batched_matmul(exp.astype(v.dtype), v, 3, 2, jnp.float32)  # [b, n, t, h]
+    out = (out * inv_sum).astype(v.dtype)
+    return out.transpose(0, 2, 1, 3), (qkv, mask, exp, inv_sum, out)
+
+
+@jax.custom_vjp
+def _self_attention(qkv: Array, mask: Array | None) -> Array:
+    """Attention output [b, t, n, h] from fused projections qkv [b, t, 3, n, h], with a
+    hand-written backward pass (below)."""
+    return _self_attention_forward(qkv, mask)[0]
+
+
+def _self_attention_backward(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, None]:
+    # With P = softmax(S), O = P V: dV = P^T dO, dP = dO V^T and
+    # dS = P * (dP - rowsum(dO * O)), since rowsum(P * dP) = rowsum(dO * O) (FlashAttention).
+    # The products over t (dV, dK) are computed transposed, [b, n, h, s], so that the
+    # [b, n, t, s] operand is read in place and only small [b, n, h, t] operands are transposed;
+    # those transposes start from [b, t, ...] layouts so XLA cannot fold them back into the dot.
+    qkv, mask, exp, inv_sum, out = residuals
+    dtype = qkv.dtype
+    scale = 1.0 / jnp.sqrt(qkv.shape[-1]).astype(dtype)
+    _, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [b, n, s, h]
+    q_t = qkv[:, :, 0].transpose(0, 2, 3, 1) * scale  # [b, n, h, t]
+    d_out_t = d_out.transpose(0, 2, 3, 1)  # [b, n, h, t]
+    d_v_t = _batched_matmul(d_out_t * inv_sum.swapaxes(2, 3).astype(dtype), exp.astype(dtype), 3, 2)
+    d_weights = _batched_matmul(d_out.transpose(0, 2, 1, 3), v, 3, 3, jnp.float32)  # [b, n, t, s]
+    row = jnp.sum(d_out.transpose(0, 2, 1, 3).astype(jnp.float32) * out, -1, keepdims=True)
+    d_scores = exp * inv_sum * (d_weights - row)  # [b, n, t, s]
+    if mask is not None:  # masked scores are constants: no gradient (matters in all-masked rows)
+        d_scores = jnp.where(mask, d_scores, 0.0)
+    d_scores = d_scores.astype(dtype)
+    d_q = _batched_matmul(d_scores, k, 3, 2) * scale  # [b, n, t, h]
+    d_k_t = _batched_matmul(q_t, d_scores, 3, 2)  # [b, n, h, s]
+    # Straight to [b, t, 3, n, h]: a plain swap of the last two axes of d_k_t and d_v_t would be
+    # folded into their products, undoing the choice above.
+    d_qkv = [d_q.transpose(0, 2, 1, 3), d_k_t.transpose(0, 3, 1, 2), d_v_t.transpose(0, 3, 1, 2)]
+    return jnp.stack(d_qkv, axis=2), None
+
+
+_self_attention.defvjp(_self_attention_forward, _self_attention_backward)
+
+
+def _batched_matmul(a: Array, b: Array, a_axis: int, b_axis: int, dtype: Any = None) -> Array:
+    """Product over batch axes (0, 1) contracting a's `a_axis` with b's `b_axis`."""
+    dims = (((a_axis,), (b_axis,)), ((0, 1), (0, 1)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: Array, kernel: Array, n_in: int) -> Array:
+    """x [..., *in] . W [*in, *out], contracting x's last `n_in` axes with W's first."""
+    lead = x.ndim - n_in
+    contract = (tuple(range(lead, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
+def _matmul_forward(x: Array, kernel: Array, n_in: int) -> tuple[Array, tuple[Array, Array]]:
+    return _matmul(x, kernel, n_in), (x, kernel)
+
+
+def _matmul_backward(n_in: int, residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+    x, kernel = residuals
+    lead = x.ndim - n_in
+    out_axes = tuple(range(lead, dy.ndim))
+    dx = jax.lax.dot_general(dy, kernel, ((out_axes, tuple(range(n_in, kernel.ndim))), ((), ())))
+    # dW sums over batch and length. Contracting them as one flattened axis lets XLA on CPU run
+    # a transposed-operand matrix product directly; autodiff's form (two contracting axes, then a
+    # transpose) makes it copy an operand into a transposed layout first, and the fused copy of
+    # a residual-stream gradient recomputes that gradient's whole chain, once per layer.
+    # The input features are flattened too (their leading axis is the sharded one, if any).
+    x_rows = x.reshape(-1, int(np.prod(x.shape[lead:])))  # [b * t, in]
+    dy_rows = dy.reshape(-1, *dy.shape[lead:])  # [b * t, *out]
+    dw = jax.lax.dot_general(x_rows, dy_rows, (((0,), (0,)), ((), ())))  # [in, *out]
+    return dx, dw.reshape(kernel.shape)
+
+
+_matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
 class Dense(nn.Module):
     """x [..., *in] . W [*in, *out] + b [*out]; W's axes carry logical names."""
 
@@ -126,10 +216,7 @@ class Dense(nn.Module):
             (*self.in_features, *self.out_features),
             cfg.params_dtype,
         )
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(
-            x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ()))
-        )
+        y = _matmul(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
         if cfg.use_bias:
             bias = self.param(
                 "bias",
@@ -173,31 +260,46 @@ class MultiHeadAttention(nn.Module):
             qkv = Dense(cfg, (d,), (3, n, h), ("embed", None, "heads", "kv"), xavier, name="qkv")(
                 x
             )  # [b, t, 3, n, h]
-            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            if cache_index is not None:
-                key, value = self._append_to_cache(key, value, cache_index)
+        if not self.cross and self._fused(cache_index):
+            out = _self_attention(qkv, mask)
         else:
-            query = Dense(cfg, (d,), (n, h), ("embed", "heads", "kv"), xavier, name="query")(x)
-            key, value = self._cross_keys_values(memory, cache_index)
-
-        dropout_rng = None
-        if not self.deterministic and cfg.attention_dropout_rate > 0:
-            dropout_rng = self.make_rng("dropout")
-        out, weights = dot_product_attention(
-            query,
-            key,
-            value,
-            mask,
-            dropout_rate=cfg.attention_dropout_rate,
-            dropout_rng=dropout_rng,
-            impl=cfg.attention_impl,
-        )
-        if weights is not None:
-            self.sow("intermediates", "attention_weights", weights)  # for inspection only
-        out_init = kernel_init(cfg, cfg.d_model, cfg.d_model, self.out_scale)
-        return Dense(cfg, (n, h), (cfg.d_model,), ("heads", "kv", "embed"), out_init, name="out")(
+            if not self.cross:
+                query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+                if cache_index is not None:
+                    key, value = self._append_to_cache(key, value, cache_index)
+            else:
+                query = Dense(cfg, (d,), (n, h), ("embed", "heads", "kv"), xavier, name="query")(x)
+                key, value = self._cross_keys_values(memory, cache_index)
+            dropout_rng = None
+            if not self.deterministic and cfg.attention_dropout_rate > 0:
+                dropout_rng = self.make_rng("dropout")
+            out, weights = dot_product_attention(
+                query,
+                key,
+                value,
+                mask,
+                dropout_rate=cfg.attention_dropout_rate,
+                dropout_rng=dropout_rng,
+                impl=cfg.attention_impl,
+            )
+            if weights is not None:
+                self.sow("intermediates", "attention_weights", weights)  # for inspection only
+        out_init = kernel_init(cfg, d, d, self.out_scale)
+        return Dense(cfg, (n, h), (d,), ("heads", "kv", "embed"), out_init, name="out")(
             out
         )  # [b, t, d]
+
+    def _fused(self, cache_index: Array | None) -> bool:
+        """Training and scoring self-attention take `_self_attention` (same result, faster
+        backward pass); decoding, dropout on the weights, inspecting them, or the fused
+        `jax.nn` kernels take `dot_product_attention`."""
+        cfg = self.config
+        return (
+            cache_index is None
+            and cfg.attention_impl == "einsum"
+            and (self.deterministic or cfg.attention_dropout_rate == 0)
+            and not self.is_mutable_collection("intermediates")
+        )
 
     def _append_to_cache(self, key: Array, value: Array, index: Array) -> tuple[Array, Array]:
         # At cache creation the input spans the whole buffer, so its shape is the buffer's.
