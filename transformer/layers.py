@@ -354,9 +354,94 @@ class FeedForward(nn.Module):
         d, f = cfg.d_model, cfg.d_ff
         x = Dense(cfg, (d,), (f,), ("embed", "mlp"), kernel_init(cfg, d, f), name="wi")(x)
         # GPT-2 uses the tanh approximation of GELU; jax.nn.gelu's default is that one.
-        x = jax.nn.relu(x) if cfg.activation == "relu" else jax.nn.gelu(x, approximate=True)
+        x = jax.nn.relu(x) if cfg.activation == "relu" else _gelu(x)
         wo_init = kernel_init(cfg, f, d, self.out_scale)
         return Dense(cfg, (f,), (d,), ("mlp", "embed"), wo_init, name="wo")(x)  # [b, t, d]
+
+
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+@jax.custom_vjp
+def _gelu(u: Array) -> Array:
+    """GELU, tanh approximation (GPT-2): the forward pass of `jax.nn.gelu(u, approximate=True)`;
+    the backward pass recomputes tanh from u in one fused pass instead of saving it."""
+    return jax.nn.gelu(u, approximate=True)
+
+
+def _gelu_forward(u: Array) -> tuple[Array, Array]:
+    return _gelu(u), u
+
+
+def _gelu_backward(u: Array, dy: Array) -> tuple[Array]:
+    x = u.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return ((dy.astype(jnp.float32) * slope).astype(u.dtype),)
+
+
+_gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: Array, scale: Array, bias: Array | None, epsilon: float) -> Array:
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32."""
+    return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(
+    x: Array, scale: Array, bias: Array | None, epsilon: float
+) -> tuple[Array, tuple[Array, ...]]:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    centred = x32 - mean
+    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon)
+    y = centred * (rstd * scale.astype(jnp.float32))
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_backward(
+    epsilon: float, residuals: tuple[Array, ...], dy: Array
+) -> tuple[Array, Array, Array | None]:
+    # With n = (x - mean) * rstd and g = dy * scale:
+    #   dx = rstd * (g - mean(g) - n * mean(g * n)),  dscale = sum(dy * n),  dbias = sum(dy).
+    # Autodiff of the two-pass variance gets the same numbers in more passes over [b, t, d]
+    # (and on CPU materialises the scale broadcast to [b, t, d] for each of them).
+    x, mean, rstd, scale, bias = residuals
+    dy = dy.astype(jnp.float32)
+    normed = (x.astype(jnp.float32) - mean) * rstd
+    rows = tuple(range(x.ndim - 1))
+    d_scale = (dy * normed).sum(rows).astype(scale.dtype)
+    d_bias = None if bias is None else dy.sum(rows).astype(bias.dtype)
+    g = dy * scale.astype(jnp.float32)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with a hand-written backward pass; the same parameters
+    (`scale`, `bias`) and numerics as `flax.linen.LayerNorm(use_fast_variance=False)`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        d = x.shape[-1]
+        scale = self.param(
+            "scale", with_axes(nn.initializers.ones, "embed"), (d,), cfg.params_dtype
+        )
+        bias = None
+        if cfg.use_bias:
+            bias = self.param(
+                "bias", with_axes(nn.initializers.zeros, "embed"), (d,), cfg.params_dtype
+            )
+        return _layer_norm(x, scale, bias, cfg.norm_epsilon).astype(cfg.compute_dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -368,16 +453,7 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
             scale_init=with_axes(nn.initializers.ones, "embed"),
             name=name,
         )
-    return nn.LayerNorm(
-        epsilon=cfg.norm_epsilon,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.params_dtype,
-        use_bias=cfg.use_bias,
-        use_fast_variance=False,
-        scale_init=with_axes(nn.initializers.ones, "embed"),
-        bias_init=with_axes(nn.initializers.zeros, "embed"),
-        name=name,
-    )
+    return LayerNorm(cfg, name=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""The hand-written backward passes in transformer/layers.py against autodiff of the plain
+formulas they replace: values and gradients, with every kind of mask, in float32 and bfloat16."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import preset
+from transformer.layers import (
+    LayerNorm,
+    _gelu,
+    _layer_norm,
+    _matmul,
+    _self_attention,
+    causal_mask,
+    combine_masks,
+    segment_mask,
+)
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE[dtype] * scale)
+
+
+def random(key, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(key), shape).astype(dtype)
+
+
+def reference_attention(qkv, mask):
+    """softmax(Q K^T / sqrt(d_k)) V (sec. 3.2.1) written plainly, float32 softmax; masked scores
+    take the most negative float32, as in `dot_product_attention`."""
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", weights.astype(v.dtype), v)
+
+
+def masks(t):
+    # Two packed sequences then padding (segment 0), and one sequence then padding.
+    ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0, 0][:t], [1] * (t - 2) + [0, 0]])
+    return {
+        "none": None,
+        "causal": causal_mask(t),
+        "causal+segment": combine_masks(causal_mask(t), segment_mask(ids, ids)),
+        "padding": segment_mask(ids, ids),  # padded queries see nothing: fully masked rows
+    }
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", list(masks(9)))
+def test_self_attention_value_and_gradient(kind, dtype):
+    b, t, n, h = 2, 9, 3, 8
+    mask = masks(t)[kind]
+    qkv = random(0, (b, t, 3, n, h), dtype)
+    cotangent = random(1, (b, t, n, h), dtype)
+
+    def loss(f, qkv):
+        return jnp.sum(f(qkv, mask).astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+    assert_close(_self_attention(qkv, mask), reference_attention(qkv, mask), dtype)
+    ours = jax.grad(lambda x: loss(_self_attention, x))(qkv)
+    expected = jax.grad(lambda x: loss(reference_attention, x))(qkv)
+    assert ours.dtype == dtype
+    assert_close(ours, expected, dtype)
+    if mask is not None:  # rows that attend nowhere pass no gradient to their query
+        padded = ~np.broadcast_to(mask, (b, 1, t, t)).any(-1)[:, 0]  # [b, t]
+        assert np.isfinite(np.asarray(ours, np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(ours, np.float32)[padded][:, 0], 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shapes", [((2, 5, 16), (16, 3, 4, 8), 1), ((2, 5, 4, 8), (4, 8, 16), 2)])
+def test_matmul_value_and_gradient(shapes, dtype):
+    x_shape, w_shape, n_in = shapes
+    x, w = random(0, x_shape, dtype), random(1, w_shape, dtype)
+    letters = "abcdefgh"
+    lead, ins = letters[: len(x_shape) - n_in], letters[4 : 4 + n_in]
+    outs = "xyz"[: len(w_shape) - n_in]
+    spec = f"{lead}{ins},{ins}{outs}->{lead}{outs}"
+    cotangent = random(2, (*x_shape[: len(x_shape) - n_in], *w_shape[n_in:]), jnp.float32)
+
+    def loss(f, x, w):
+        return jnp.sum(f(x, w).astype(jnp.float32) * cotangent)
+
+    assert_close(_matmul(x, w, n_in), jnp.einsum(spec, x, w), dtype)
+    ours = jax.grad(lambda x, w: loss(lambda a, b: _matmul(a, b, n_in), x, w), (0, 1))(x, w)
+    expected = jax.grad(lambda x, w: loss(lambda a, b: jnp.einsum(spec, a, b), x, w), (0, 1))(x, w)
+    for a, e in zip(ours, expected):
+        assert a.dtype == dtype and a.shape == e.shape
+        assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_value_and_gradient(with_bias, dtype):
+    x = random(0, (3, 7, 32), dtype) * 3 + 1
+    scale = random(1, (32,)) * 0.5 + 1
+    bias = random(2, (32,)) if with_bias else None
+    cotangent = random(3, x.shape)
+
+    def reference(x, scale, bias):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) / jnp.sqrt(var + 1e-6) * scale
+        return y if bias is None else y + bias
+
+    def loss(f, *args):
+        return jnp.sum(f(*args).astype(jnp.float32) * cotangent)
+
+    args = (x, scale, bias)
+    assert_close(_layer_norm(x, scale, bias, 1e-6), reference(*args), dtype)
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    ours = jax.grad(lambda *a: loss(lambda *b: _layer_norm(*b, 1e-6), *a), argnums)(*args)
+    expected = jax.grad(lambda *a: loss(reference, *a), argnums)(*args)
+    for a, e in zip(ours, expected):
+        assert a.dtype == e.dtype
+        assert_close(a, e, dtype)
+
+
+def test_layer_norm_module_equals_flax_layer_norm():
+    cfg = preset("tiny_gpt")
+    x = random(0, (2, 5, cfg.d_model)) * 2 + 0.5
+    ours = LayerNorm(cfg)
+    params = ours.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + random(1, p.shape) * 0.1, nn.meta.unbox(params))
+    flax_norm = nn.LayerNorm(epsilon=cfg.norm_epsilon, use_fast_variance=False)
+    assert jax.tree.structure(params) == jax.tree.structure(flax_norm.init(jax.random.key(0), x))
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    assert_close(ours.apply(params, x), flax_norm.apply(params, x), jnp.float32)
+    ours_grad = jax.grad(lambda p, x: loss(ours, p, x), (0, 1))(params, x)
+    flax_grad = jax.grad(lambda p, x: loss(flax_norm, p, x), (0, 1))(params, x)
+    jax.tree.map(lambda a, e: assert_close(a, e, jnp.float32), ours_grad, flax_grad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gelu_value_and_gradient(dtype):
+    u = jnp.linspace(-8, 8, 1001).astype(dtype)
+
+    def reference(u):  # tanh approximation, Hendrycks & Gimpel (2016), as in GPT-2
+        u = u.astype(jnp.float32)
+        return 0.5 * u * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+
+    assert_close(_gelu(u), reference(u), dtype)
+    ours = jax.grad(lambda u: jnp.sum(_gelu(u).astype(jnp.float32)))(u)
+    expected = jax.grad(lambda u: jnp.sum(reference(u)))(u)
+    assert ours.dtype == dtype
+    assert_close(ours, expected, dtype)
