@@ -11,7 +11,8 @@ models train on the same random tokens for the same steps, in alternating blocks
 from other processes hits both alike; torch uses as many threads as this process has cores.
 MFU counts 6N + 12 L H Q T FLOPs per token (`transformer.metrics.flops_per_token`) against a
 float32 matrix product measured in the same run and, on known accelerators, the published dense
-bfloat16 peak.
+bfloat16 peak. On CPU, freed host memory is kept for reuse as `train.py` does
+(`transformer/hostmem.py`); `--no-keep-host-memory` measures without it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer import hostmem
 from transformer.config import PRESETS, base_config
 from transformer.metrics import flops_per_token, known_peak_flops, measure_matmul_flops
 from transformer.sharding import global_batch
@@ -58,6 +60,14 @@ def parse_args() -> argparse.Namespace:
         "--no-reference",
         action="store_true",
         help="skip the transformers+torch reference (skipped anyway off CPU)",
+    )
+    parser.add_argument(
+        "--keep-host-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let glibc reuse freed memory instead of unmapping it (transformer/hostmem.py); "
+        "default: as train.py does, i.e. on when running on the CPU. Applies to both models, "
+        "since they share the process",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
@@ -189,11 +199,13 @@ class Reference:
 
 def main() -> None:
     args = parse_args()
+    keep_memory = hostmem.configure(args.keep_host_memory)
     config = build_config(args)
     batch, seq_len = config.train.batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, args.vocab, (batch, seq_len + 1), np.int32)
     platform = jax.local_devices()[0].platform
     machine = common.machine()  # load average now, before this run adds to it
+    machine["keep_freed_host_memory"] = keep_memory
     run_reference = not args.no_reference and platform == "cpu"
 
     ours = Ours(config, args.vocab, tokens)
@@ -214,7 +226,8 @@ def main() -> None:
 
     # Alternate blocks of steps (and the matmul peak) so that outside load affects all alike.
     big = platform != "cpu"
-    matmul_dtype = jnp.float32
+    # float32 on CPU; on accelerators the compute dtype (bfloat16 for GPT-2 small).
+    matmul_dtype = jnp.float32 if platform == "cpu" else jnp.dtype(config.model.dtype)
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     matmul: list[float] = []
     per_round = max(args.steps // args.rounds, 1)
@@ -312,6 +325,7 @@ def report(results: dict[str, Any]) -> None:
     print(
         f"{m['platform']} ({m['device_kind']}), {m['cores']} cores, jax {m['jax']}, "
         f"load average {load} at start"
+        + (", glibc keeps freed memory (as train.py does on CPU)" if m["keep_freed_host_memory"] else "")
     )
     peak = results["published_peak_flops"]
     measured = results["measured_matmul_flops"]
