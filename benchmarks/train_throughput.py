@@ -325,7 +325,7 @@ def report(results: dict[str, Any]) -> None:
     print(
         f"{m['platform']} ({m['device_kind']}), {m['cores']} cores, jax {m['jax']}, "
         f"load average {load} at start"
-        + (", glibc keeps freed memory (as train.py does on CPU)" if m["keep_freed_host_memory"] else "")
+        + (", freed host memory kept (as train.py on CPU)" if m["keep_freed_host_memory"] else "")
     )
     peak = results["published_peak_flops"]
     measured = results["measured_matmul_flops"]

@@ -46,7 +46,10 @@ def reference_attention(qkv, mask):
 
 def masks(t):
     # Two packed sequences then padding (segment 0), and one sequence then padding.
-    ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0, 0][:t], [1] * (t - 2) + [0, 0]])
+    ids = np.zeros((2, t), np.int32)
+    ids[0, : t // 3], ids[0, t // 3 : t - 2] = 1, 2
+    ids[1, : t - t // 4] = 1
+    ids = jnp.asarray(ids)
     return {
         "none": None,
         "causal": causal_mask(t),
@@ -55,26 +58,38 @@ def masks(t):
     }
 
 
+CASES = [  # (mask, causal, length): `causal` skips the masked block, from length 64 on
+    *[(kind, False, 9) for kind in masks(9)],
+    ("causal", True, 64),
+    ("causal+segment", True, 64),
+    ("causal", True, 9),  # too short to split: the plain path
+    ("causal", True, 63),  # odd: the plain path
+]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("kind", list(masks(9)))
-def test_self_attention_value_and_gradient(kind, dtype):
-    b, t, n, h = 2, 9, 3, 8
+@pytest.mark.parametrize("kind, causal, t", CASES)
+def test_self_attention_value_and_gradient(kind, causal, t, dtype):
+    b, n, h = 2, 3, 8
     mask = masks(t)[kind]
     qkv = random(0, (b, t, 3, n, h), dtype)
     cotangent = random(1, (b, t, n, h), dtype)
 
+    def ours(qkv, mask):
+        return _self_attention(qkv, mask, causal)
+
     def loss(f, qkv):
         return jnp.sum(f(qkv, mask).astype(jnp.float32) * cotangent.astype(jnp.float32))
 
-    assert_close(_self_attention(qkv, mask), reference_attention(qkv, mask), dtype)
-    ours = jax.grad(lambda x: loss(_self_attention, x))(qkv)
+    assert_close(ours(qkv, mask), reference_attention(qkv, mask), dtype)
+    grad = jax.grad(lambda x: loss(ours, x))(qkv)
     expected = jax.grad(lambda x: loss(reference_attention, x))(qkv)
-    assert ours.dtype == dtype
-    assert_close(ours, expected, dtype)
+    assert grad.dtype == dtype
+    assert_close(grad, expected, dtype)
     if mask is not None:  # rows that attend nowhere pass no gradient to their query
         padded = ~np.broadcast_to(mask, (b, 1, t, t)).any(-1)[:, 0]  # [b, t]
-        assert np.isfinite(np.asarray(ours, np.float32)).all()
-        np.testing.assert_array_equal(np.asarray(ours, np.float32)[padded][:, 0], 0.0)
+        assert np.isfinite(np.asarray(grad, np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(grad, np.float32)[padded][:, 0], 0.0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -94,7 +109,7 @@ def test_matmul_value_and_gradient(shapes, dtype):
     assert_close(_matmul(x, w, n_in), jnp.einsum(spec, x, w), dtype)
     ours = jax.grad(lambda x, w: loss(lambda a, b: _matmul(a, b, n_in), x, w), (0, 1))(x, w)
     expected = jax.grad(lambda x, w: loss(lambda a, b: jnp.einsum(spec, a, b), x, w), (0, 1))(x, w)
-    for a, e in zip(ours, expected):
+    for a, e in zip(ours, expected, strict=True):
         assert a.dtype == dtype and a.shape == e.shape
         assert_close(a, e, dtype)
 
@@ -122,7 +137,7 @@ def test_layer_norm_value_and_gradient(with_bias, dtype):
     argnums = (0, 1, 2) if with_bias else (0, 1)
     ours = jax.grad(lambda *a: loss(lambda *b: _layer_norm(*b, 1e-6), *a), argnums)(*args)
     expected = jax.grad(lambda *a: loss(reference, *a), argnums)(*args)
-    for a, e in zip(ours, expected):
+    for a, e in zip(ours, expected, strict=True):
         assert a.dtype == e.dtype
         assert_close(a, e, dtype)
 

@@ -107,10 +107,30 @@ def dot_product_attention(
     return out, weights
 
 
-def _self_attention_forward(qkv: Array, mask: Array | None) -> tuple[Array, tuple[Array, ...]]:
-    # Head-major [3, b, n, t, h] once, so every product below is a plain batched matmul.
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+def _query_blocks(length: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(query start, query end, keys seen) per block of query rows. Under a causal mask the
+    first half of the queries sees only the first half of the keys: computing that block apart
+    skips the fully masked quarter of every [t, s] product and softmax."""
+    if causal and length % 2 == 0 and length >= _CAUSAL_SPLIT_MIN_LENGTH:
+        half = length // 2
+        return [(0, half, half), (half, length, length)]
+    return [(0, length, length)]
+
+
+_CAUSAL_SPLIT_MIN_LENGTH = 64  # below this the extra, smaller products cost more than they save
+
+
+def _mask_block(mask: Array | None, start: int, end: int, keys: int) -> Array | None:
+    if mask is None:
+        return None
+    rows = slice(start, end) if mask.shape[-2] > 1 else slice(None)
+    cols = slice(0, keys) if mask.shape[-1] > 1 else slice(None)
+    return mask[..., rows, cols]
+
+
+def _attend_forward(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, ...]:
+    """Head-major [b, n, t, h] queries over [b, n, s, h] keys and values: the output
+    [b, n, t, h] and what the backward pass needs."""
     scores = _batched_matmul(q, k, 3, 3, jnp.float32)  # [b, n, t, s]
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -119,38 +139,73 @@ def _self_attention_forward(qkv: Array, mask: Array | None) -> tuple[Array, tupl
     exp = jnp.exp(scores - scores.max(-1, keepdims=True))  # [b, n, t, s]
     inv_sum = 1.0 / exp.sum(-1, keepdims=True)  # [b, n, t, 1]
     out = _batched_matmul(exp.astype(v.dtype), v, 3, 2, jnp.float32)  # [b, n, t, h]
-    out = (out * inv_sum).astype(v.dtype)
-    return out.transpose(0, 2, 1, 3), (qkv, mask, exp, inv_sum, out)
+    return (out * inv_sum).astype(v.dtype), exp, inv_sum
 
 
-@jax.custom_vjp
-def _self_attention(qkv: Array, mask: Array | None) -> Array:
+def _self_attention_forward(
+    qkv: Array, mask: Array | None, causal: bool
+) -> tuple[Array, tuple[Array, ...]]:
+    # Head-major [3, b, n, t, h] once, so every product below is a plain batched matmul.
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    outs, saved = [], []
+    for start, end, keys in _query_blocks(q.shape[2], causal):
+        block_mask = _mask_block(mask, start, end, keys)
+        out, exp, inv_sum = _attend_forward(
+            q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], block_mask
+        )
+        outs.append(out)
+        saved.append((block_mask, exp, inv_sum))
+    out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]  # [b, n, t, h]
+    return out.transpose(0, 2, 1, 3), (qkv, tuple(saved), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _self_attention(qkv: Array, mask: Array | None, causal: bool) -> Array:
     """Attention output [b, t, n, h] from fused projections qkv [b, t, 3, n, h], with a
-    hand-written backward pass (below)."""
-    return _self_attention_forward(qkv, mask)[0]
+    hand-written backward pass (below). `causal` promises that `mask` hides every key after its
+    query (it may hide more), so the block of later keys for earlier queries is skipped."""
+    return _self_attention_forward(qkv, mask, causal)[0]
 
 
-def _self_attention_backward(residuals: tuple[Array, ...], d_out: Array) -> tuple[Array, None]:
+def _self_attention_backward(
+    causal: bool, residuals: tuple[Array, ...], d_out: Array
+) -> tuple[Array, None]:
     # With P = softmax(S), O = P V: dV = P^T dO, dP = dO V^T and
     # dS = P * (dP - rowsum(dO * O)), since rowsum(P * dP) = rowsum(dO * O) (FlashAttention).
     # The products over t (dV, dK) are computed transposed, [b, n, h, s], so that the
     # [b, n, t, s] operand is read in place and only small [b, n, h, t] operands are transposed;
     # those transposes start from [b, t, ...] layouts so XLA cannot fold them back into the dot.
-    qkv, mask, exp, inv_sum, out = residuals
+    qkv, saved, out = residuals
     dtype = qkv.dtype
+    length = qkv.shape[1]
     scale = 1.0 / jnp.sqrt(qkv.shape[-1]).astype(dtype)
     _, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [b, n, s, h]
     q_t = qkv[:, :, 0].transpose(0, 2, 3, 1) * scale  # [b, n, h, t]
     d_out_t = d_out.transpose(0, 2, 3, 1)  # [b, n, h, t]
-    d_v_t = _batched_matmul(d_out_t * inv_sum.swapaxes(2, 3).astype(dtype), exp.astype(dtype), 3, 2)
-    d_weights = _batched_matmul(d_out.transpose(0, 2, 1, 3), v, 3, 3, jnp.float32)  # [b, n, t, s]
-    row = jnp.sum(d_out.transpose(0, 2, 1, 3).astype(jnp.float32) * out, -1, keepdims=True)
-    d_scores = exp * inv_sum * (d_weights - row)  # [b, n, t, s]
-    if mask is not None:  # masked scores are constants: no gradient (matters in all-masked rows)
-        d_scores = jnp.where(mask, d_scores, 0.0)
-    d_scores = d_scores.astype(dtype)
-    d_q = _batched_matmul(d_scores, k, 3, 2) * scale  # [b, n, t, h]
-    d_k_t = _batched_matmul(q_t, d_scores, 3, 2)  # [b, n, h, s]
+    d_out_h = d_out.transpose(0, 2, 1, 3)  # [b, n, t, h]
+    row = jnp.sum(d_out_h.astype(jnp.float32) * out, -1, keepdims=True)  # [b, n, t, 1]
+    d_q, d_k_t, d_v_t = [], 0.0, 0.0
+    for (start, end, keys), (mask, exp, inv_sum) in zip(
+        _query_blocks(length, causal), saved, strict=True
+    ):
+        rows = slice(start, end)
+        d_v = _batched_matmul(
+            d_out_t[..., rows] * inv_sum.swapaxes(2, 3).astype(dtype), exp.astype(dtype), 3, 2
+        )  # [b, n, h, keys]
+        d_weights = _batched_matmul(d_out_h[:, :, rows], v[:, :, :keys], 3, 3, jnp.float32)
+        d_scores = exp * inv_sum * (d_weights - row[:, :, rows])  # [b, n, end - start, keys]
+        if (
+            mask is not None
+        ):  # masked scores are constants: no gradient (matters in all-masked rows)
+            d_scores = jnp.where(mask, d_scores, 0.0)
+        d_scores = d_scores.astype(dtype)
+        d_q.append(_batched_matmul(d_scores, k[:, :, :keys], 3, 2) * scale)  # [b, n, rows, h]
+        d_k = _batched_matmul(q_t[..., rows], d_scores, 3, 2)  # [b, n, h, keys]
+        pad = [(0, 0)] * 3 + [(0, length - keys)]
+        d_k_t = d_k_t + (jnp.pad(d_k, pad) if keys < length else d_k)
+        d_v_t = d_v_t + (jnp.pad(d_v, pad) if keys < length else d_v)
+    d_q = jnp.concatenate(d_q, axis=2) if len(d_q) > 1 else d_q[0]  # [b, n, t, h]
     # Straight to [b, t, 3, n, h]: a plain swap of the last two axes of d_k_t and d_v_t would be
     # folded into their products, undoing the choice above.
     d_qkv = [d_q.transpose(0, 2, 1, 3), d_k_t.transpose(0, 3, 1, 2), d_v_t.transpose(0, 3, 1, 2)]
@@ -243,6 +298,7 @@ class MultiHeadAttention(nn.Module):
     cross: bool = False
     deterministic: bool = True
     out_scale: float = 1.0  # GPT-2 scales residual projections by 1/sqrt(2 * layers)
+    causal: bool = False  # self-attention masks are always at least causal (decoders)
 
     @nn.compact
     def __call__(
@@ -261,7 +317,7 @@ class MultiHeadAttention(nn.Module):
                 x
             )  # [b, t, 3, n, h]
         if not self.cross and self._fused(cache_index):
-            out = _self_attention(qkv, mask)
+            out = _self_attention(qkv, mask, self.causal)
         else:
             if not self.cross:
                 query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -473,6 +529,7 @@ class TransformerBlock(nn.Module):
     deterministic: bool = True
     out_scale: float = 1.0
     scanned: bool = False  # nn.scan wants (carry, output) back
+    causal: bool = False  # the self-attention mask always hides later positions
 
     @nn.compact
     def __call__(
@@ -497,7 +554,9 @@ class TransformerBlock(nn.Module):
         )
         x = residual(
             x,
-            lambda y: attention(name="self_attention")(y, mask, None, cache_index),
+            lambda y: attention(causal=self.causal, name="self_attention")(
+                y, mask, None, cache_index
+            ),
             "norm_self_attention",
         )
         if self.cross:
@@ -527,6 +586,9 @@ class Stack(nn.Module):
     config: ModelConfig
     num_layers: int
     cross: bool = False
+    # A decoder: every self-attention mask it is given hides later positions (the caller's
+    # mask may hide more), which lets training skip the fully masked half of attention.
+    causal: bool = False
 
     @nn.compact
     def __call__(
@@ -546,7 +608,9 @@ class Stack(nn.Module):
             )
         # GPT-2: residual projections scaled by 1/sqrt(number of residual additions).
         out_scale = 1.0 / np.sqrt((3 if self.cross else 2) * self.num_layers)
-        kwargs = dict(cross=self.cross, deterministic=deterministic, out_scale=out_scale)
+        kwargs = dict(
+            cross=self.cross, deterministic=deterministic, out_scale=out_scale, causal=self.causal
+        )
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,

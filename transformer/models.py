@@ -64,7 +64,7 @@ class GPT(nn.Module):
         if not cfg.is_decoder_only:
             raise ValueError("GPT needs model.num_encoder_layers=0; use EncoderDecoder otherwise")
         self.embed = Embed(cfg)
-        self.decoder = Stack(cfg, cfg.num_decoder_layers)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True)
         if not cfg.tie_embeddings:
             self.lm_head = _OutputHead(cfg)
 
@@ -109,7 +109,7 @@ class EncoderDecoder(nn.Module):
             raise ValueError("EncoderDecoder needs model.num_encoder_layers > 0; use GPT otherwise")
         self.embed = Embed(cfg)
         self.encoder = Stack(cfg, cfg.num_encoder_layers)
-        self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, causal=True)
         if not cfg.tie_embeddings:
             self.lm_head = _OutputHead(cfg)
 
