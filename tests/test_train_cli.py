@@ -14,8 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def train(workdir, *overrides, check=True, devices=1):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py",
-           f"--workdir={workdir}", *overrides]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -49,7 +54,8 @@ def straight_run(tmp_path_factory):
 def test_workdir_holds_config_tokenizer_checkpoints_and_metrics(straight_run):
     workdir, proc = straight_run
     assert {"config.json", "tokenizer.json", "checkpoints", "metrics.jsonl"} <= set(
-        os.listdir(workdir))
+        os.listdir(workdir)
+    )
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
     records = metrics(workdir)

@@ -401,8 +401,11 @@ def _initial_params_from(init_from: str, setup: Setup) -> Any:
     elif os.path.exists(os.path.join(init_from, "config.json")):
         from transformer.convert import load_hf_gpt2
 
-        source_cfg, params = load_hf_gpt2(init_from, pad_vocab_to=setup.model_cfg.vocab_size,
-                                          scan_layers=setup.model_cfg.scan_layers)
+        source_cfg, params = load_hf_gpt2(
+            init_from,
+            pad_vocab_to=setup.model_cfg.vocab_size,
+            scan_layers=setup.model_cfg.scan_layers,
+        )
     else:
         raise ConfigError(
             f"checkpoint.init_from={init_from!r} is neither a run directory (with checkpoints/) "
@@ -410,8 +413,11 @@ def _initial_params_from(init_from: str, setup: Setup) -> Any:
         )
     ignored = (*RUNTIME_MODEL_FIELDS, "vocab_size", "init_std")
     source, mine = source_cfg.to_dict(), setup.model_cfg.to_dict()
-    diffs = [f"model.{k}: {source[k]!r} there, {mine[k]!r} here" for k in mine
-             if k not in ignored and source.get(k) != mine[k]]
+    diffs = [
+        f"model.{k}: {source[k]!r} there, {mine[k]!r} here"
+        for k in mine
+        if k not in ignored and source.get(k) != mine[k]
+    ]
     if diffs:
         raise ConfigError(
             f"checkpoint.init_from={init_from} holds another model ({'; '.join(diffs)}); use "
@@ -424,8 +430,11 @@ def _initial_params_from(init_from: str, setup: Setup) -> Any:
             f"model.vocab_size is {setup.model_cfg.vocab_size}; fine-tune with the tokenizer "
             "of that run (data.tokenizer=gpt2 for GPT-2 weights)"
         )
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding),
-                        params, setup.abstract_state.params)
+    return jax.tree.map(
+        lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding),
+        params,
+        setup.abstract_state.params,
+    )
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
