@@ -4,7 +4,8 @@
     python benchmarks/compile_time.py --json out.json  # also write the numbers as JSON
 
 Times `jax.jit(train_step).lower(...)` and `.compile()` on abstract (shape-only) inputs, so no
-parameters are materialised and no step runs. Everything else in the config (dtype, remat,
+parameters are materialised and no step runs; each variant is compiled --repeats times,
+alternating, and keeps its fastest total. Everything else in the config (dtype, remat,
 gradient accumulation) stays as it is; only `model.scan_layers` differs between the two.
 """
 
@@ -33,6 +34,9 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="override any config field, e.g. --set model.num_decoder_layers=24 (repeatable)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="compiles of each variant, alternating (best kept)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
@@ -73,9 +77,16 @@ def main() -> None:
         "grad_accum_steps": config.train.grad_accum_steps,
         "seq_len": config.data.seq_len,
     }
-    # Unrolled first: if anything were cached between the two, it would favour the unrolled one.
-    results["unrolled"] = compile_times(config, args.vocab, scan=False)
-    results["scan"] = compile_times(config, args.vocab, scan=True)
+    # Alternating, unrolled first (if anything were cached between the two, it would favour the
+    # unrolled one); each variant keeps its fastest compile, so load from other processes
+    # inflates neither.
+    runs: dict[str, list[dict[str, Any]]] = {"unrolled": [], "scan": []}
+    for _ in range(max(args.repeats, 1)):
+        for name in runs:
+            runs[name].append(compile_times(config, args.vocab, scan=name == "scan"))
+    for name, times in runs.items():
+        results[name] = min(times, key=lambda r: r["lower_s"] + r["compile_s"])
+        results[name]["all_total_s"] = [r["lower_s"] + r["compile_s"] for r in times]
     for key in ("lower_s", "compile_s"):
         results[f"ratio_{key}"] = results["scan"][key] / results["unrolled"][key]
     total = {k: results[k]["lower_s"] + results[k]["compile_s"] for k in ("scan", "unrolled")}
@@ -112,9 +123,10 @@ def main() -> None:
         )
     )
     common.print_table(["", "lower (s)", "compile (s)", "total (s)", "HLO lines"], rows)
-    verdict = "meets" if results["ratio_compile_s"] <= 1 / 3 else "misses"
+    verdict = "meets" if results["ratio_total"] <= 1 / 3 else "misses"
     print(
-        f"compile time with scan is {results['ratio_compile_s']:.2f} of unrolled ({verdict} <= 1/3)"
+        f"jit compile time (lowering + XLA compile, best of {max(args.repeats, 1)}) with scan is "
+        f"{results['ratio_total']:.3f} of unrolled ({verdict} <= 1/3)"
     )
     common.write_json(
         args.json, {k: (np.round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
