@@ -9,6 +9,7 @@ records past the checkpoint it resumed from, which a killed run may have logged.
 
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -291,7 +292,7 @@ def test_truncated_checkpoint_warns_and_resumes_from_the_previous_step(uninterru
 
 # Orbax's reader threads leave "Event loop is closed" callbacks behind after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_load_params_falls_back_past_a_deleted_checkpoint_file(uninterrupted, tmp_path):
+def test_load_params_falls_back_past_a_deleted_checkpoint_file(uninterrupted, tmp_path, caplog):
     from transformer.checkpoint import CheckpointError
 
     workdir = str(tmp_path / "deleted")
@@ -300,7 +301,11 @@ def test_load_params_falls_back_past_a_deleted_checkpoint_file(uninterrupted, tm
         os.remove(path)
     with pytest.raises(CheckpointError, match="step 40"):
         params(workdir, step=40)
-    fallback = params(workdir)
+    with caplog.at_level(logging.WARNING, logger="transformer.inference"):
+        fallback = params(workdir)
+    assert "loaded the checkpoint at step 38: the newer one(s) could not be read (step 40" in (
+        caplog.text
+    )
     for a, b in zip(fallback, params(uninterrupted, step=38), strict=True):
         np.testing.assert_array_equal(a, b)
     assert complete_steps(workdir)[-1] == 40  # reading leaves the workdir alone

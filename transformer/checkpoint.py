@@ -63,7 +63,7 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def _short(e: BaseException, limit: int = 300) -> str:
+def short_error(e: BaseException, limit: int = 300) -> str:
     """The root cause's first line, shortened: tensorstore messages run to kilobytes."""
     while e.__cause__ is not None:
         e = e.__cause__
@@ -155,7 +155,7 @@ class Checkpoints:
                     "the checkpoint at step %d is damaged or incomplete (%s); falling back to "
                     "the previous checkpoint",
                     step,
-                    _short(e),
+                    short_error(e),
                 )
                 continue
             if damaged:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -24,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from transformer.checkpoint import CheckpointError, Checkpoints
+from transformer.checkpoint import CheckpointError, Checkpoints, short_error
 from transformer.config import ConfigError, ModelConfig
 from transformer.models import GPT, EncoderDecoder
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -76,9 +79,15 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any
                         )
                     ),
                 )
+                if errors:
+                    log.warning(
+                        "loaded the checkpoint at step %d: the newer one(s) could not be read (%s)",
+                        candidate,
+                        "; ".join(errors),
+                    )
                 return model_cfg, restored["state"]["params"]
             except Exception as e:  # noqa: BLE001 - a damaged step: try the previous one
-                errors.append(f"step {candidate}: {type(e).__name__}: {e}")
+                errors.append(f"step {candidate}: {type(e).__name__}: {short_error(e)}")
     finally:
         checkpoints.close()
     raise CheckpointError(f"no readable checkpoint in {workdir} ({'; '.join(errors)})")
