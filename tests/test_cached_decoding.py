@@ -89,3 +89,43 @@ def test_vocabulary_padding_is_never_predicted():
     )
     assert int(jnp.argmax(logits[0, -1])) < 50
     assert float(logits[..., 50:].max()) == float(jnp.finfo(jnp.float32).min)
+
+
+def test_generation_past_the_context_slides_by_half_a_context():
+    """`generate` beyond `max_len`: once the longest context in the batch is full, every row
+    continues from its last max_len // 2 tokens. The reference recomputes the full forward
+    pass of each row for every token and takes the argmax."""
+    from transformer.config import ConfigError
+    from transformer.inference import generate
+    from transformer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train_char(["abcdefgh ij\n"])
+    cfg = preset("tiny_gpt", max_len=16, vocab_size=64)
+    model = GPT(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = jax.tree.map(lambda p: p * 4, params)  # sharper logits: no near-ties in argmax
+
+    def reference(prompts, new_tokens):
+        contexts = [tokenizer.encode(p) for p in prompts]
+        outputs = [[] for _ in prompts]
+        while len(outputs[0]) < new_tokens:
+            steps = cfg.max_len - max(len(c) for c in contexts)  # the batch's window
+            for row, context in enumerate(contexts):
+                for _ in range(steps):
+                    logits = model.apply({"params": params}, jnp.asarray([context]))[0, -1]
+                    context = context + [int(jnp.argmax(logits[: tokenizer.vocab_size]))]
+                    outputs[row].append(context[-1])
+                contexts[row] = context[-(cfg.max_len // 2) :]
+        return [tokenizer.decode(out[:new_tokens]) for out in outputs]
+
+    kwargs = dict(temperature=0.0, stop_at_eos=False)
+    # 40 new tokens after a 3-token prompt: windows of 13, 8, 8, 8 and 3 of 8.
+    assert generate(cfg, params, tokenizer, ["abc"], max_new_tokens=40, **kwargs) == reference(
+        ["abc"], 40
+    )
+    prompts = ["abc", "hij ab"]  # left-padded into one batch
+    assert generate(cfg, params, tokenizer, prompts, max_new_tokens=30, **kwargs) == reference(
+        prompts, 30
+    )
+    with pytest.raises(ConfigError, match="prompt \\(16 tokens\\) leaves no room"):
+        generate(cfg, params, tokenizer, ["a" * 16], max_new_tokens=1)

@@ -298,37 +298,75 @@ def generate(
     """Continues each prompt (a batch, any lengths); returns the generated text only.
 
     An empty prompt starts from the end-of-text token, which precedes every document in
-    training. The prompt plus `max_new_tokens` must fit the model's context `max_len`.
+    training. The prompt must fit the model's context `max_len`; the text may run past it. When
+    the context is full, generation goes on from the last `max_len // 2` tokens, fed back as a
+    new prompt (nanoGPT crops its context the same way, but at every token; here it happens
+    once per half context, so the KV cache does the work in between).
     """
     if not cfg.is_decoder_only:
         raise ConfigError("generate() needs a GPT run; use translate() for an encoder-decoder")
     start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
-    encoded = [tokenizer.encode(p) or [start] for p in prompts]
-    longest = max(len(ids) for ids in encoded)
-    if longest + max_new_tokens > cfg.max_len:
+    contexts = [tokenizer.encode(p) or [start] for p in prompts]
+    longest = max(len(ids) for ids in contexts)
+    if longest >= cfg.max_len:
         raise ConfigError(
-            f"the prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
-            f"model's context of {cfg.max_len} tokens; shorten the prompt or lower max_new_tokens"
+            f"the prompt ({longest} tokens) leaves no room in the model's context of "
+            f"{cfg.max_len} tokens; shorten it to fewer than {cfg.max_len} tokens"
         )
-    prompt = np.zeros((len(encoded), longest), np.int32)  # left-padded
-    for row, ids in enumerate(encoded):
+    eos = tokenizer.eos_id if stop_at_eos else None
+    sampling = dict(
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos
+    )
+    generated: list[list[int]] = [[] for _ in contexts]
+    finished = [max_new_tokens <= 0] * len(contexts)
+    key = jax.random.key(seed)
+    window = 0
+    while not all(finished):
+        longest = max(len(ids) for ids in contexts)
+        remaining = max(
+            max_new_tokens - len(g) for g, f in zip(generated, finished, strict=True) if not f
+        )
+        # After the first window, always the same size: one compiled loop for all of them.
+        steps = min(remaining, cfg.max_len - longest) if window == 0 else cfg.max_len - longest
+        window_key = key if window == 0 else jax.random.fold_in(key, window)
+        out = _continue(cfg, params, tokenizer, contexts, steps, window_key, **sampling)
+        for row, ids in enumerate(out):
+            if finished[row]:
+                continue
+            new = _until_eos(ids, eos)
+            generated[row] += new[: max_new_tokens - len(generated[row])]
+            finished[row] = len(new) < len(ids) or len(generated[row]) >= max_new_tokens
+            contexts[row] = (contexts[row] + new)[-(cfg.max_len // 2) :]
+        window += 1
+    return [tokenizer.decode(ids) for ids in generated]
+
+
+def _continue(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    contexts: list[list[int]],
+    steps: int,
+    key: Array,
+    **sampling: Any,
+) -> list[list[int]]:
+    """`steps` new token ids per context, the contexts left-padded into one batch."""
+    longest = max(len(ids) for ids in contexts)
+    prompt = np.zeros((len(contexts), longest), np.int32)
+    for row, ids in enumerate(contexts):
         prompt[row, longest - len(ids) :] = ids
-    offset = np.asarray([longest - len(ids) for ids in encoded], np.int32)
+    offset = np.asarray([longest - len(ids) for ids in contexts], np.int32)
     out = _generate_ids(
         params,
         jnp.asarray(prompt),
         jnp.asarray(offset),
-        jax.random.key(seed),
+        key,
         cfg=cfg,
         num_classes=tokenizer.vocab_size,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        eos_id=tokenizer.eos_id if stop_at_eos else None,
+        max_new_tokens=steps,
+        **sampling,
     )
-    eos = tokenizer.eos_id if stop_at_eos else None
-    return [tokenizer.decode(_until_eos(row, eos)) for row in np.asarray(out).tolist()]
+    return np.asarray(out).tolist()
 
 
 @functools.partial(
@@ -441,7 +479,7 @@ def print_final_sample(result: Any, config: Any) -> None:
     if cfg.is_decoder_only:
         if config.train.sample_tokens <= 0:
             return
-        tokens = min(config.train.sample_tokens, cfg.max_len - 1)
+        tokens = config.train.sample_tokens
         text = generate(
             cfg,
             params,

@@ -14,7 +14,9 @@ from absl import flags
 
 flags.DEFINE_string("workdir", None, "Run directory of a GPT training run.", required=True)
 flags.DEFINE_string("prompt", "", "Text to continue ('' starts a new document).")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+flags.DEFINE_integer(
+    "max_new_tokens", 200, "Tokens to generate; past the context, it slides by half a context."
+)
 flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the most likely tokens of this total mass.")
