@@ -673,11 +673,16 @@ class Embed(nn.Module):
 
     def __call__(self, tokens: Array, positions: Array, deterministic: bool = True) -> Array:
         cfg = self.config
-        x = jnp.take(self.token_embedding, tokens, axis=0)  # [b, t, d]
+        # The tables whole along d_model (under FSDP, gathered as any weight is before use): a
+        # lookup into a table split along d_model gives rows split along d_model, which the
+        # partitioner cannot turn into the batch-split activations without replicating them.
+        table = nn.with_logical_constraint(self.token_embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)  # [b, t, d]
         if cfg.scale_embeddings:
             x = x * np.sqrt(cfg.d_model)
         if cfg.positions == "learned":
-            x = x + jnp.take(self.position_embedding, positions, axis=0)
+            table = nn.with_logical_constraint(self.position_embedding, (None, None))
+            x = x + jnp.take(table, positions, axis=0)
         else:
             x = x + jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[positions]
         x = self.dropout(x, deterministic=deterministic)
