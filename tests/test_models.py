@@ -174,6 +174,50 @@ def test_encoder_padding_invariance():
     np.testing.assert_allclose(logits_padded, logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("decoder_only", [True, False])
+def test_fused_causal_attention_equals_jax_attention_in_the_model(decoder_only):
+    """Length 64 takes the fused self-attention with its causal split: loss and gradients equal
+    the model built on `jax.nn.dot_product_attention` (an independent implementation)."""
+    fused = preset("tiny_gpt" if decoder_only else "tiny_transformer", max_len=64)
+    other = dataclasses.replace(fused, attention_impl="xla")
+    x = tokens((2, 64), seed=4)
+    src = tokens((2, 40), seed=5)
+
+    def loss(cfg, params):
+        model = GPT(cfg) if decoder_only else EncoderDecoder(cfg)
+        logits = (
+            model.apply({"params": params}, x)
+            if decoder_only
+            else model.apply({"params": params}, src, x)
+        )
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(64))
+
+    args = (x,) if decoder_only else (src, x)
+    params = init(GPT(fused) if decoder_only else EncoderDecoder(fused), *args)
+    (a, grad_a), (b, grad_b) = (jax.value_and_grad(lambda p, c=c: loss(c, p))(params)
+                                for c in (fused, other))  # fmt: skip
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), grad_a, grad_b
+    )
+
+
+def test_decoder_self_mask_is_always_causal():
+    """EncoderDecoder.decode combines a caller's self_mask with the causal mask."""
+    model = EncoderDecoder(preset("tiny_transformer", max_len=64))
+    src, tgt = tokens((2, 9), seed=3), tokens((2, 64), seed=4)
+    params = init(model, src, tgt)
+    encoded = model.apply({"params": params}, src, method=model.encode)
+
+    def decode(self_mask):
+        return model.apply(
+            {"params": params}, tgt, encoded, self_mask=self_mask, method=model.decode
+        )
+
+    everything = jnp.ones((1, 1, 64, 64), bool)
+    np.testing.assert_array_equal(decode(everything), decode(None))
+
+
 def test_packed_rows_equal_separate_rows():
     """Two sequences packed into one row with segment ids give each one's own logits."""
     gpt = GPT(preset("tiny_gpt"))

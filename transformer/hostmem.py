@@ -4,8 +4,9 @@ XLA on CPU allocates each step's temporary buffer (hundreds of MB for a training
 `malloc`. glibc serves allocations that large with a fresh `mmap` and unmaps them on `free`,
 so every step page-faults the whole buffer in again: about a fifth of the step time of
 `benchmarks/train_throughput.py`'s default model. One malloc arena, no `mmap` and no trimming
-keep the buffer mapped from one step to the next. The cost is that the process's resident
-memory stays at its high-water mark.
+keep the buffer mapped from one step to the next. The costs: the process's resident memory
+stays at its high-water mark, and all threads share one malloc arena (measured on 2 cores;
+on a many-core CPU compare `benchmarks/train_throughput.py` with `--no-keep-host-memory`).
 
 `train.py` does this on Linux when JAX will run on the CPU (`--keep_host_memory` overrides);
 the benchmarks do it the same way. It must happen before JAX (or torch) starts its threads,

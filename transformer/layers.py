@@ -164,7 +164,11 @@ def _self_attention_forward(
 def _self_attention(qkv: Array, mask: Array | None, causal: bool) -> Array:
     """Attention output [b, t, n, h] from fused projections qkv [b, t, 3, n, h], with a
     hand-written backward pass (below). `causal` promises that `mask` hides every key after its
-    query (it may hide more), so the block of later keys for earlier queries is skipped."""
+    query (it may hide more), so the block of later keys for earlier queries is skipped.
+
+    A query that sees no key at all (padding) gets an average of the values it was offered (all
+    of them, or with `causal` the first half for a query in the first half) and passes no
+    gradient back to its scores; padding must not feed anything that counts."""
     return _self_attention_forward(qkv, mask, causal)[0]
 
 
@@ -317,7 +321,7 @@ class MultiHeadAttention(nn.Module):
                 x
             )  # [b, t, 3, n, h]
         if not self.cross and self._fused(cache_index):
-            out = _self_attention(qkv, mask, self.causal)
+            out = _self_attention(qkv, mask, self.causal and mask is not None)
         else:
             if not self.cross:
                 query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -346,9 +350,9 @@ class MultiHeadAttention(nn.Module):
         )  # [b, t, d]
 
     def _fused(self, cache_index: Array | None) -> bool:
-        """Training and scoring self-attention take `_self_attention` (same result, faster
-        backward pass); decoding, dropout on the weights, inspecting them, or the fused
-        `jax.nn` kernels take `dot_product_attention`."""
+        """Training and scoring self-attention take `_self_attention` (the same result for
+        every query that sees a key, and a faster backward pass); decoding, dropout on the
+        weights, inspecting them, or the fused `jax.nn` kernels take `dot_product_attention`."""
         cfg = self.config
         return (
             cache_index is None

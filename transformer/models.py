@@ -147,6 +147,8 @@ class EncoderDecoder(nn.Module):
 
         For decoding pass `cache_index`, explicit `tgt_positions` and a `self_mask` over the
         cache buffer; `encoded` may be None once a call has stored the cross-attention keys.
+        Without `cache_index`, a given `self_mask` is combined with the causal mask: the
+        decoder never sees later target positions.
         """
         if cache_index is None:
             _check_length(self.config, tgt.shape[1], "the target sequence")
@@ -155,6 +157,8 @@ class EncoderDecoder(nn.Module):
             self_mask = causal_mask(tgt.shape[1])
             if tgt_segment_ids is not None:
                 self_mask = self_mask & segment_mask(tgt_segment_ids, tgt_segment_ids)
+        elif cache_index is None:  # the decoder stack relies on it (Stack.causal)
+            self_mask = self_mask & causal_mask(tgt.shape[1])
         cross_mask = None
         if src_segment_ids is not None:
             queries = (
