@@ -31,7 +31,7 @@ flags.DEFINE_bool(
     "keep_host_memory",
     None,
     "Keep freed host memory mapped between steps (faster on CPU; see transformer/hostmem.py). "
-    "Default: on when JAX runs on the CPU.",
+    "Default: on when JAX_PLATFORMS names cpu first, or no GPU/TPU backend is installed.",
 )
 
 

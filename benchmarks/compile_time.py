@@ -77,9 +77,9 @@ def main() -> None:
         "grad_accum_steps": config.train.grad_accum_steps,
         "seq_len": config.data.seq_len,
     }
-    # Alternating, unrolled first (if anything were cached between the two, it would favour the
-    # unrolled one); each variant keeps its fastest compile, so load from other processes
-    # inflates neither.
+    # Alternating rounds, each variant keeping its fastest compile: load from other processes
+    # inflates neither, and the warm-up of the first compile in the process (which the scan
+    # variant, second in each round, would otherwise profit from) is paid by both.
     runs: dict[str, list[dict[str, Any]]] = {"unrolled": [], "scan": []}
     for _ in range(max(args.repeats, 1)):
         for name in runs:
