@@ -47,7 +47,7 @@ echo "== train throughput: configs/gpt2_small.py ${SHAPE[*]}"
   --no-reference --json "$OUT/train_throughput.json"
 
 echo "== compile time, scan vs unrolled (skipped if it takes over 150 s)"
-timeout 150 "$PY" benchmarks/compile_time.py --config configs/gpt2_small.py "${COMPILE[@]}" \
+timeout 150 "$PY" benchmarks/compile_time.py --config configs/gpt2_small.py --repeats 1 "${COMPILE[@]}" \
   --json "$OUT/compile_time.json" || echo "compile_time.py did not finish in 150 s; skipped"
 
 "$PY" - "$OUT/train_throughput.json" <<'EOF'
