@@ -3,7 +3,7 @@
     python train.py            # = --config=configs/default.py --workdir=runs/default
 
 Reaches a validation loss of 1.66 nats per character on the held-out plays after 1700 steps
-of 16 x 128 characters (4 min 10 s in all on two otherwise idle CPU cores, about 15,000
+of 16 x 128 characters (4 min 10-25 s in all on two otherwise idle CPU cores, about 15,000
 tokens/s), then prints a sample with speaker names and line breaks.
 """
 
