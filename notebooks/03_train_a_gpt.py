@@ -214,7 +214,7 @@ fig.tight_layout()
 
 # %%
 prompt = "ROMEO:\n"
-max_new = 40 if QUICK else 110  # the prompt plus new tokens must fit max_len
+max_new = 40 if QUICK else 300  # past max_len, it continues from the last half of the context
 settings = [(0.0, 0), (1.0, 0), (1.0, 5)]
 if not QUICK:
     settings = [(0.0, 0), (0.5, 0), (0.8, 0), (1.2, 0), (1.2, 5)]
