@@ -47,6 +47,28 @@ def machine() -> dict[str, Any]:
     }
 
 
+def format_load(load: Sequence[float] | None) -> str:
+    return ", ".join(f"{x:.2f}" for x in load) if load else "n/a"
+
+
+def reference_gpt2(model_cfg: Any, vocab: int) -> Any:
+    """`transformers` GPT2LMHeadModel of the same shape as `model_cfg` (the GPT-2 config that
+    export would write, `vocab` real tokens), float32 on torch CPU with as many threads as this
+    process has cores, seeded."""
+    import torch
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from transformer.convert import hf_config_from
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(num_cores())
+    torch.manual_seed(0)
+    hf_config = hf_config_from(model_cfg, vocab_size=vocab)
+    hf_config.pad_token_id = 0  # generate() wants one; the prompts are not padded
+    return GPT2LMHeadModel(hf_config)
+
+
 def load_run_config(path: str) -> Any:
     """`get_config()` of a configs/NAME.py file."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)

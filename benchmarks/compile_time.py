@@ -94,7 +94,7 @@ def main() -> None:
     results["machine"]["load_average_end"] = common.load_average()
 
     m = results["model"]
-    load = ", ".join(f"{x:.2f}" for x in machine["load_average"] or ()) or "n/a"
+    load = common.format_load(machine["load_average"])
     print(
         f"{args.config}: {m['num_decoder_layers']} layers x {m['d_model']}, {m['dtype']}, "
         f"remat {m['remat_policy']}, batch {results['batch_size']} in "

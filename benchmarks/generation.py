@@ -100,29 +100,8 @@ def make_forward(cfg: ModelConfig) -> Any:
 
 def hf_reference(cfg: ModelConfig, vocab: int, prompt: np.ndarray, new_tokens: int) -> Any:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(common.num_cores())
-    torch.manual_seed(0)
-    hf_config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=cfg.max_len,
-        n_embd=cfg.d_model,
-        n_layer=cfg.num_decoder_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.d_ff,
-        activation_function="gelu_new",
-        layer_norm_epsilon=cfg.norm_epsilon,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    model = GPT2LMHeadModel(hf_config).eval()
+    model = common.reference_gpt2(cfg, vocab).eval()
     inputs = torch.from_numpy(prompt).long()
     attention_mask = torch.ones_like(inputs)
 
@@ -238,7 +217,7 @@ def main() -> None:
 
 def report(results: dict[str, Any]) -> None:
     m, mod = results["machine"], results["model"]
-    load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m["load_average"] else "n/a"
+    load = common.format_load(m["load_average"])
     print(
         f"GPT {mod['layers']} layers x {mod['heads']} heads x {mod['d_model']} wide "
         f"({mod['num_params'] / 1e6:.2f}M params, {mod['config']}, max_len {mod['max_len']}): "

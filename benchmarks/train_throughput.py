@@ -143,32 +143,12 @@ class Ours:
 class Reference:
     """transformers GPT2LMHeadModel, float32 on torch CPU, AdamW with the same settings."""
 
-    def __init__(self, config: Any, vocab: int, tokens: np.ndarray):
+    def __init__(self, config: Any, model_cfg: Any, vocab: int, tokens: np.ndarray):
         import torch
         import torch.nn.functional as F
-        from transformers import GPT2Config, GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        torch.set_num_threads(common.num_cores())
-        torch.manual_seed(0)
-        m, t = config.model, config.train
-        hf_config = GPT2Config(
-            vocab_size=vocab,
-            n_positions=config.data.seq_len,
-            n_embd=m.d_model,
-            n_layer=m.num_decoder_layers,
-            n_head=m.num_heads,
-            n_inner=m.d_ff,
-            activation_function="gelu_new",
-            layer_norm_epsilon=m.norm_epsilon,
-            resid_pdrop=m.dropout_rate,
-            embd_pdrop=m.dropout_rate,
-            attn_pdrop=m.attention_dropout_rate,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        self.model = GPT2LMHeadModel(hf_config).train()
+        t = config.train
+        self.model = common.reference_gpt2(model_cfg, vocab).train()
         self.attention = self.model.config._attn_implementation
         self.params = list(self.model.parameters())
         self.num_params = sum(p.numel() for p in self.params)
@@ -219,7 +199,7 @@ def main() -> None:
 
     reference = None
     if run_reference:
-        reference = Reference(config, args.vocab, tokens)
+        reference = Reference(config, cfg, args.vocab, tokens)
         for _ in range(args.warmup):
             reference.step()
     rss_all = common.peak_host_memory_bytes()
@@ -321,7 +301,7 @@ def report(results: dict[str, Any]) -> None:
         f"context {s['context']}, batch {s['batch']}, vocab {s['vocab']} "
         f"({s['embedding_rows']} embedding rows), {s['dtype']}, {o['num_params'] / 1e6:.2f}M params"
     )
-    load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m["load_average"] else "n/a"
+    load = common.format_load(m["load_average"])
     print(
         f"{m['platform']} ({m['device_kind']}), {m['cores']} cores, jax {m['jax']}, "
         f"load average {load} at start"
