@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 
 USAGE_EXIT_CODE = 2  # the input is wrong: config, files, devices, disk space
@@ -84,6 +85,11 @@ def setup_logging(debug: bool) -> None:
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         sys.unraisablehook = _quiet_unraisable
+        # Writes a failed save never started are reported once more at interpreter exit, as
+        # "coroutine ... was never awaited" (a RuntimeWarning, after our one-line error).
+        warnings.filterwarnings(
+            "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+        )
 
 
 def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
