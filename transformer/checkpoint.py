@@ -26,11 +26,15 @@ import errno
 import logging
 import os
 import shutil
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save in progress
 DAMAGED_SUFFIX = ".damaged"
@@ -145,39 +149,57 @@ class Checkpoints:
         """The newest checkpoint that reads back whole. A damaged one is reported and the
         previous step tried; once one reads, the damaged ones are moved aside to
         `<step>.damaged/` (unless read-only). None when there is no checkpoint at all."""
-        damaged = []
-        for step in reversed(self.all_steps()):
+        if not self.all_steps():
+            return None
+        step, state, damaged = self.newest_readable(
+            lambda step: self.restore(step, abstract_state, data_iter)
+        )
+        if damaged:
+            log.warning(
+                "resuming from step %d instead of the damaged step(s) %s",
+                step,
+                ", ".join(map(str, damaged)),
+            )
+        self._move_aside(damaged)
+        return step, state
+
+    def newest_readable(
+        self, read: Callable[[int], T], steps: list[int] | None = None
+    ) -> tuple[int, T, list[int]]:
+        """(step, read(step), damaged steps) for the newest of `steps` (default: all) that
+        `read` reads without an error; each failure is logged as a damaged step. Raises
+        CheckpointError when none reads (damaged steps are left in place: nothing is lost by
+        trying again, or by looking at them)."""
+        damaged, newest_error = [], ""
+        for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
             try:
-                state = self.restore(step, abstract_state, data_iter)
+                return step, read(step), damaged
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
                 damaged.append(step)
+                newest_error = newest_error or f"step {step}: {short_error(e)}"
                 log.warning(
                     "the checkpoint at step %d is damaged or incomplete (%s); falling back to "
                     "the previous checkpoint",
                     step,
                     short_error(e),
                 )
-                continue
-            if damaged:
-                log.warning(
-                    "resuming from step %d instead of the damaged step(s) %s",
-                    step,
-                    ", ".join(map(str, damaged)),
-                )
-            self._move_aside(damaged)
-            return step, state
-        if damaged:  # left in place: nothing is lost by trying again, or by looking at them
-            raise CheckpointError(
-                f"no checkpoint in {self.directory} could be read (damaged steps: "
-                f"{', '.join(map(str, damaged))}); move the directory away to start afresh"
-            )
-        return None
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} could be read (damaged steps: "
+            f"{', '.join(map(str, damaged))}); {newest_error}; move the directory away to start "
+            "afresh"
+        )
+
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only the parameters, as host NumPy arrays shaped like `target` (a tree of arrays)."""
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        item = ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]["params"]
 
     def _move_aside(self, steps: list[int]) -> None:
         """Renames damaged steps out of Orbax's sight, so training can save those steps again
         (Orbax refuses to overwrite a step) while the files stay for a post-mortem."""
-        import jax
-
         if self.read_only:
             return
         if steps and jax.process_index() == 0:

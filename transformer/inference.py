@@ -23,9 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from transformer.checkpoint import CheckpointError, Checkpoints, short_error
+from transformer.checkpoint import CheckpointError, Checkpoints
 from transformer.config import ConfigError, ModelConfig
 from transformer.models import GPT, EncoderDecoder
 
@@ -53,44 +52,28 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any
     config = read_run_config(workdir)
     model_cfg = ModelConfig.from_dict(config["model"])
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-    steps = [step] if step is not None else list(reversed(checkpoints.all_steps()))
-    if not steps:
-        raise CheckpointError(
-            f"{workdir} has no checkpoint yet; train it first (train.py --workdir={workdir})"
-        )
     model = GPT(model_cfg) if model_cfg.is_decoder_only else EncoderDecoder(model_cfg)
     example = jnp.zeros((1, 2), jnp.int32)
     args = (example,) if model_cfg.is_decoder_only else (example, example)
     abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *args)))
-    target = {"params": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract["params"])}
-    errors = []
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract["params"])
     try:
-        for candidate in steps:
-            try:
-                restored = checkpoints.manager.restore(
-                    candidate,
-                    args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(
-                            item=target,
-                            restore_args=jax.tree.map(
-                                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target
-                            ),
-                            partial_restore=True,
-                        )
-                    ),
-                )
-                if errors:
-                    log.warning(
-                        "loaded the checkpoint at step %d: the newer one(s) could not be read (%s)",
-                        candidate,
-                        "; ".join(errors),
-                    )
-                return model_cfg, restored["state"]["params"]
-            except Exception as e:  # noqa: BLE001 - a damaged step: try the previous one
-                errors.append(f"step {candidate}: {type(e).__name__}: {short_error(e)}")
+        if not checkpoints.all_steps():
+            raise CheckpointError(
+                f"{workdir} has no checkpoint yet; train it first (train.py --workdir={workdir})"
+            )
+        used, params, damaged = checkpoints.newest_readable(
+            lambda s: checkpoints.restore_params(s, target), None if step is None else [step]
+        )
     finally:
         checkpoints.close()
-    raise CheckpointError(f"no readable checkpoint in {workdir} ({'; '.join(errors)})")
+    if damaged:
+        log.warning(
+            "loaded the checkpoint at step %d instead of the damaged step(s) %s",
+            used,
+            ", ".join(map(str, damaged)),
+        )
+    return model_cfg, params
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, Any]:
