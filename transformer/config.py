@@ -135,6 +135,21 @@ class ModelConfig:
         return cls(**values)
 
 
+# GPT-2's architecture, shared by its sizes: pre-norm, GELU, learned positions, N(0, 0.02).
+_GPT2: dict[str, Any] = dict(
+    vocab_size=50257,
+    num_encoder_layers=0,
+    max_len=1024,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+    activation="gelu",
+    norm_position="pre",
+    norm_epsilon=1e-5,
+    positions="learned",
+    scale_embeddings=False,
+    init_std=0.02,
+)
+
 # The paper's Table 3 rows and GPT-2's sizes. Vocabulary sizes are the papers'; override them with
 # the tokenizer's (padded) size.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -158,56 +173,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_len=256,
         dropout_rate=0.3,
     ),
-    "gpt2_small": dict(
-        vocab_size=50257,
-        d_model=768,
-        num_heads=12,
-        d_ff=3072,
-        num_encoder_layers=0,
-        num_decoder_layers=12,
-        max_len=1024,
-        dropout_rate=0.1,
-        attention_dropout_rate=0.1,
-        activation="gelu",
-        norm_position="pre",
-        norm_epsilon=1e-5,
-        positions="learned",
-        scale_embeddings=False,
-        init_std=0.02,
-    ),
-    "gpt2_medium": dict(
-        vocab_size=50257,
-        d_model=1024,
-        num_heads=16,
-        d_ff=4096,
-        num_encoder_layers=0,
-        num_decoder_layers=24,
-        max_len=1024,
-        dropout_rate=0.1,
-        attention_dropout_rate=0.1,
-        activation="gelu",
-        norm_position="pre",
-        norm_epsilon=1e-5,
-        positions="learned",
-        scale_embeddings=False,
-        init_std=0.02,
-    ),
+    "gpt2_small": dict(_GPT2, d_model=768, num_heads=12, d_ff=3072, num_decoder_layers=12),
+    "gpt2_medium": dict(_GPT2, d_model=1024, num_heads=16, d_ff=4096, num_decoder_layers=24),
     # Test sizes: small enough that a jit compile and a step take well under a second on CPU.
     "tiny_gpt": dict(
+        _GPT2,
         vocab_size=64,
         d_model=32,
         num_heads=4,
         d_ff=64,
-        num_encoder_layers=0,
         num_decoder_layers=2,
         max_len=64,
         dropout_rate=0.0,
-        activation="gelu",
-        norm_position="pre",
-        norm_epsilon=1e-5,
-        positions="learned",
-        scale_embeddings=False,
-        init_std=0.02,
+        attention_dropout_rate=0.0,
     ),
     "tiny_transformer": dict(
         vocab_size=64,
@@ -232,63 +210,17 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def base_config() -> Any:
     """Every field a run config has, with its default; `configs/*.py` start from this.
 
-    Returned as an `ml_collections.ConfigDict`, so the command line can override any field
-    (`--config.train.num_steps=100`) and rejects unknown keys and wrong types.
+    Returned as an `ml_collections.ConfigDict` built from the typed sections of
+    `transformer.run_config`, so the command line can override any field
+    (`--config.train.num_steps=100`) and rejects unknown keys and wrong types. model.vocab_size
+    0 = the tokenizer's size rounded up to data.pad_vocab_to_multiple_of.
     """
     import ml_collections
 
+    from transformer.run_config import SECTIONS
+
     config = ml_collections.ConfigDict()
-    # model.*: the ModelConfig fields. vocab_size 0 = the tokenizer's size rounded up to
-    # data.pad_vocab_to_multiple_of (padded ids are never produced or predicted).
     config.model = ml_collections.ConfigDict({**dataclasses.asdict(ModelConfig()), "vocab_size": 0})
-
-    config.data = ml_collections.ConfigDict()
-    config.data.corpus = (
-        "shakespeare"  # shakespeare | bible_en_de | text:GLOB | jsonl:GLOB | tsv:GLOB
-    )
-    config.data.tokenizer = "char"  # char | bpe | gpt2 (from data.gpt2_vocab)
-    config.data.vocab_size = 4096  # BPE target size (ignored for char)
-    config.data.seq_len = 256  # LM context; for translation the source and target max length
-    config.data.text_field = "text"  # field of a jsonl corpus
-    config.data.gpt2_vocab = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
-    config.data.cache_dir = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
-    config.data.pad_vocab_to_multiple_of = 64  # embedding rows rounded up for fast matmuls
-    config.data.pack = False  # translation: pack several pairs per row (segment ids)
-    config.data.truncate = True  # translation: cut pairs longer than seq_len (False: error)
-
-    config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 1000  # optimizer steps (also the length of the lr schedule)
-    config.train.stop_at_step = 0  # stop early with a checkpoint (resume later); 0 = num_steps
-    config.train.batch_size = 32  # global batch (sequences), split over data x fsdp
-    config.train.learning_rate = 1e-3  # peak lr (cosine, constant); a factor for inverse_sqrt
-    config.train.min_learning_rate = 1e-4  # end of the cosine decay
-    config.train.warmup_steps = 100  # linear warmup steps
-    config.train.schedule = "cosine"  # cosine | inverse_sqrt (paper eq. 3) | constant
-    config.train.b1 = 0.9  # Adam beta1
-    config.train.b2 = 0.99  # Adam beta2 (0.98 in the paper, 0.95 for GPT-2 scale)
-    config.train.eps = 1e-8  # Adam epsilon (1e-9 in the paper)
-    config.train.weight_decay = 0.1  # AdamW decay on matrices (not biases, norms, embeddings)
-    config.train.grad_clip = 1.0  # global-norm clipping; 0 disables
-    config.train.label_smoothing = 0.0  # 0.1 in the paper
-    config.train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
-    config.train.seed = 0  # parameters, dropout and data order
-    config.train.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar
-    config.train.eval_every_steps = 250  # held-out loss; 0 = only at the end
-    config.train.eval_batches = 20  # batches per evaluation; 0 = the whole split
-    config.train.sample_tokens = 300  # GPT: characters/tokens sampled at the end; 0 = none
-    config.train.bleu_pairs = 200  # translation: held-out pairs scored with BLEU at the end
-    config.train.beam_size = 4  # translation: beam width for BLEU (sec. 6.1)
-    config.train.beam_alpha = 0.6  # translation: length penalty (sec. 6.1, Wu et al. 2016)
-    config.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = published or measured
-    config.train.nonfinite = "stop"  # non-finite loss: stop (after saving last good) | skip
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 500  # also at the end and on SIGTERM/SIGINT
-    config.checkpoint.keep = 3  # newest checkpoints kept
-    config.checkpoint.init_from = ""  # fine-tune from a workdir or a Hugging Face GPT-2 dir
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # data-parallel size; -1 = the devices the other axes leave
-    config.mesh.fsdp = 1  # fully sharded data parallel size
-    config.mesh.tensor = 1  # tensor (Megatron) parallel size
+    for name, section in SECTIONS.items():
+        config[name] = ml_collections.ConfigDict(dataclasses.asdict(section()))
     return config
