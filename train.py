@@ -39,6 +39,8 @@ def main() -> int:
     from transformer import distributed, hostmem
 
     hostmem.configure(FLAGS.keep_host_memory)  # before JAX starts its threads
+    import jax
+
     from transformer.trainer import train_and_evaluate
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -49,10 +51,10 @@ def main() -> int:
         workdir = os.path.join("runs", name)
         print(f"no --workdir given: using {workdir}", flush=True)
     result = train_and_evaluate(config, workdir)
-    if not result.stopped_early:
-        from transformer.inference import print_final_sample
-
-        print_final_sample(result, config)
+    if not (result.stopped_early or result.finished_before) and jax.process_index() == 0:
+        report = result.final_report()
+        if report:
+            print(f"\n{report}", flush=True)
     return 0
 
 

@@ -20,8 +20,9 @@ import _common as common
 import jax
 import numpy as np
 
+from transformer.run_config import RunConfig
 from transformer.sharding import batch_sharding
-from transformer.trainer import dummy_batch, make_setup, resolve_model_config, within_mesh
+from transformer.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,13 +45,13 @@ def parse_args() -> argparse.Namespace:
 
 def compile_times(config: Any, vocab: int, scan: bool) -> dict[str, Any]:
     config.model.scan_layers = scan
-    model_cfg = resolve_model_config(config, vocab)
-    setup = make_setup(config, model_cfg, num_classes=vocab)
+    model_cfg = RunConfig.from_any(config).model_config(vocab)
+    setup = Trainer.build(config, model_cfg, num_classes=vocab)
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(setup.mesh))
-        for k, v in dummy_batch(model_cfg, config.train.batch_size, config.data.seq_len).items()
+        for k, v in setup.task.dummy_batch(config.train.batch_size, config.data.seq_len).items()
     }
-    with within_mesh(setup):
+    with setup.within_mesh():
         start = time.perf_counter()
         lowered = setup.train_step.lower(setup.abstract_state, batch)
         lower_s = time.perf_counter() - start

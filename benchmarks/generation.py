@@ -29,8 +29,9 @@ import numpy as np
 from transformer.config import ModelConfig
 from transformer.decode import sample
 from transformer.inference import gpt_init_cache, gpt_tokens_to_logits
+from transformer.metrics import count_params
 from transformer.models import GPT
-from transformer.trainer import count_params, resolve_model_config
+from transformer.run_config import RunConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +53,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     config.model.max_len = max(config.model.max_len, args.prompt_len + args.new_tokens)
     config.model.dropout_rate = 0.0
     config.model.attention_dropout_rate = 0.0
-    return resolve_model_config(config, args.vocab)
+    return RunConfig.from_any(config).model_config(args.vocab)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_classes", "max_new_tokens"))

@@ -30,9 +30,15 @@ import numpy as np
 
 from transformer import hostmem
 from transformer.config import PRESETS, base_config
-from transformer.metrics import flops_per_token, known_peak_flops, measure_matmul_flops
+from transformer.metrics import (
+    count_params,
+    flops_per_token,
+    known_peak_flops,
+    measure_matmul_flops,
+)
+from transformer.run_config import RunConfig
 from transformer.sharding import global_batch
-from transformer.trainer import count_params, make_setup, resolve_model_config, within_mesh
+from transformer.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,9 +127,9 @@ class Ours:
     """The library's own jitted, sharded, donated train step."""
 
     def __init__(self, config: Any, vocab: int, tokens: np.ndarray):
-        self.model_cfg = resolve_model_config(config, vocab)
-        self.setup = make_setup(config, self.model_cfg, num_classes=vocab)
-        with within_mesh(self.setup):
+        self.model_cfg = RunConfig.from_any(config).model_config(vocab)
+        self.setup = Trainer.build(config, self.model_cfg, num_classes=vocab)
+        with self.setup.within_mesh():
             self.state = self.setup.init_state(jax.random.key_data(jax.random.key(0)))
             self.batch = global_batch({"tokens": tokens}, self.setup.mesh)
             start = time.perf_counter()
@@ -212,7 +218,7 @@ def main() -> None:
     matmul: list[float] = []
     per_round = max(args.steps // args.rounds, 1)
     for _ in range(args.rounds):
-        with within_mesh(ours.setup):
+        with ours.setup.within_mesh():
             times["ours"] += common.time_calls(ours.step, per_round)
         matmul.append(measure_matmul_flops(size=8192 if big else 2048, dtype=matmul_dtype))
         if reference is not None:

@@ -45,8 +45,9 @@ from IPython.display import Markdown, display
 
 from transformer.config import PRESETS, base_config
 from transformer.data import make_data
+from transformer.run_config import RunConfig
 from transformer.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
-from transformer.trainer import make_setup, resolve_model_config, within_mesh
+from transformer.trainer import Trainer
 
 assert jax.device_count() == 8, "JAX was imported before XLA_FLAGS was set: restart the kernel"
 print(jax.devices())
@@ -87,7 +88,7 @@ display(Markdown("\n".join(table)))
 # %% [markdown]
 # ## One model, several strategies
 #
-# A small character-level GPT (quick mode: a tiny one). `make_setup` builds the model,
+# A small character-level GPT (quick mode: a tiny one). `Trainer.build` builds the model,
 # optimizer, mesh and the jitted, sharded steps for a config; only `config.mesh.*` differs
 # between strategies.
 
@@ -107,7 +108,7 @@ if QUICK:
     config.train.batch_size = 8
 
 data = make_data(config.data, global_batch_size=config.train.batch_size, seed=0, workdir=None)
-model_cfg = resolve_model_config(config, data.tokenizer.vocab_size)
+model_cfg = RunConfig.from_any(config).model_config(data.tokenizer.vocab_size)
 local_batches = [next(data.train_iter) for _ in range(3)]  # {'tokens': int32[b, seq_len + 1]}
 print(model_cfg)
 
@@ -118,11 +119,13 @@ STRATEGIES = {
     "TP 4 x DP 2": dict(data=2, fsdp=1, tensor=4),
     "DP 2 x FSDP 2 x TP 2": dict(data=2, fsdp=2, tensor=2),
 }
-setups = {}
+trainers = {}
 for name, sizes in STRATEGIES.items():
     config.mesh.update(**sizes)
     devices = jax.devices()[:1] if name == "single device" else None
-    setups[name] = make_setup(config, model_cfg, data.tokenizer.vocab_size, devices=devices)
+    trainers[name] = Trainer.build(
+        config, model_cfg, num_classes=data.tokenizer.vocab_size, devices=devices
+    )
 
 # %% [markdown]
 # A parameter's `PartitionSpec` names, for each of its dimensions, the mesh axis that splits it
@@ -149,9 +152,9 @@ def lookup(tree, path):
 table = ["| parameter | PartitionSpec | " + " | ".join(STRATEGIES) + " |"]
 table.append("|---" * (len(STRATEGIES) + 2) + "|")
 for label, path in PARAMS.items():
-    shape = lookup(setups["single device"].abstract_state.params, path).shape
-    spec = tuple(lookup(setups["single device"].state_sharding.params, path).spec)
-    blocks = [lookup(s.state_sharding.params, path).shard_shape(shape) for s in setups.values()]
+    shape = lookup(trainers["single device"].abstract_state.params, path).shape
+    spec = tuple(lookup(trainers["single device"].state_sharding.params, path).spec)
+    blocks = [lookup(s.state_sharding.params, path).shard_shape(shape) for s in trainers.values()]
     table.append(f"| {label} | `{spec}` | " + " | ".join(map(str, blocks)) + " |")
 display(Markdown("\n".join(table)))
 
@@ -164,9 +167,9 @@ display(Markdown("\n".join(table)))
 
 # %%
 states = {}
-for name, setup in setups.items():
-    with within_mesh(setup):
-        states[name] = setup.init_state(jax.random.key_data(jax.random.key(0)))
+for name, trainer in trainers.items():
+    with trainer.within_mesh():
+        states[name] = trainer.init_state(jax.random.key_data(jax.random.key(0)))
     if name != "single device":
         print(f"{name}: mlp/wi/kernel {lookup(states[name].params, PARAMS['mlp wi [d, f]']).shape}")
         jax.debug.visualize_array_sharding(lookup(states[name].params, PARAMS["mlp wi [d, f]"]))
@@ -206,7 +209,7 @@ assert per_device["FSDP 8"] < 0.25 * per_device["DP 8"]
 # %% [markdown]
 # ## The same step under every strategy
 #
-# Each setup runs three optimizer steps on the same three batches (`global_batch` places each
+# Each strategy runs three optimizer steps on the same three batches (`global_batch` places each
 # batch's rows on the devices of the `data` and `fsdp` axes). We compile the step explicitly
 # to read the collectives XLA inserted, then check that the losses and the updated parameters
 # agree with the single device to 1e-5: sharding changes where the arithmetic happens, not
@@ -221,11 +224,11 @@ assert per_device["FSDP 8"] < 0.25 * per_device["DP 8"]
 # %%
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 losses, final_params, collectives = {}, {}, {}
-for name, setup in setups.items():
+for name, trainer in trainers.items():
     state = states[name]
-    with within_mesh(setup):
-        batches = [global_batch(b, setup.mesh) for b in local_batches]
-        step = setup.train_step.lower(state, batches[0]).compile()
+    with trainer.within_mesh():
+        batches = [global_batch(b, trainer.mesh) for b in local_batches]
+        step = trainer.train_step.lower(state, batches[0]).compile()
         losses[name] = []
         for batch in batches:
             state, metrics = step(state, batch)

@@ -25,11 +25,11 @@ from transformer.data import (
     iterator,
     lm_eval_dataset,
     lm_train_dataset,
-    load_tokenizer,
     make_data,
     translation_eval_dataset,
     translation_train_dataset,
 )
+from transformer.rundir import RunDir
 from transformer.tokenizer import Tokenizer
 
 SEQ = 4
@@ -312,7 +312,7 @@ def test_make_data_lm_caches_tokenizer_and_tokens(tmp_path, text_corpus, monkeyp
     cfg = config(corpus=text_corpus, cache_dir=str(tmp_path / "cache"))
     workdir = tmp_path / "run"
     data = make_data(cfg, global_batch_size=4, seed=0, workdir=str(workdir))
-    assert isinstance(data, Data) and data.kind == "lm" and data.eval_pairs is None
+    assert isinstance(data, Data) and data.corpus_kind == "lm" and data.eval_pairs is None
     assert isinstance(data.train_iter, grain.DatasetIterator)
     batch = next(data.train_iter)
     assert batch["tokens"].shape == (4, 9) and batch["tokens"].dtype == np.int32
@@ -322,7 +322,7 @@ def test_make_data_lm_caches_tokenizer_and_tokens(tmp_path, text_corpus, monkeyp
     val = list(data.eval_batches())
     text = data.tokenizer.decode(np.concatenate([b["tokens"][:, :-1].ravel() for b in val]))
     assert text.startswith("note: to be") and len(list(data.eval_batches(1))) == 1
-    assert load_tokenizer(workdir).to_json() == data.tokenizer.to_json()
+    assert RunDir(workdir).load_tokenizer().to_json() == data.tokenizer.to_json()
 
     # A second run: tokenizer from the workdir, tokens from the cache; nothing is re-encoded.
     def forbidden(*args, **kwargs):
@@ -364,7 +364,7 @@ def test_make_data_jsonl_and_tsv(tmp_path) -> None:
         cache_dir=str(tmp_path / "cache"),
     )
     data = make_data(cfg, global_batch_size=4, seed=0, workdir=None)
-    assert data.kind == "translation"
+    assert data.corpus_kind == "translation"
     assert data.eval_pairs == [
         ("Hallo 18 Welt", "hello 18 world"),
         ("Hallo 19 Welt", "hello 19 world"),

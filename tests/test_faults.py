@@ -149,7 +149,7 @@ def losses(workdir):
 def params(workdir, step=None):
     import jax
 
-    from transformer.inference import load_params
+    from transformer.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir, step)[1])
 
@@ -499,16 +499,17 @@ def test_restore_latest_good_moves_damaged_steps_aside_only_when_one_reads(tmp_p
 
 
 def test_truncate_metrics_drops_steps_past_the_checkpoint_and_torn_lines(tmp_path):
-    from transformer.reliability import truncate_metrics
+    from transformer.rundir import RunDir
 
+    truncate_metrics = RunDir(tmp_path).truncate_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_text(
         '{"step": 4, "train_loss": 1.5}\n{"step": 8, "train_loss": 1.25}\n'
         '{"step": 12, "train_loss": 1.0}\n{"step": 16, "trai'
     )
-    assert truncate_metrics(str(tmp_path), 8) == 2
+    assert truncate_metrics(8) == 2
     assert path.read_text() == '{"step": 4, "train_loss": 1.5}\n{"step": 8, "train_loss": 1.25}\n'
-    assert truncate_metrics(str(tmp_path), 8) == 0
+    assert truncate_metrics(8) == 0
 
 
 def test_stop_signal_single_process_handles_both_signals_and_skips_preemption():

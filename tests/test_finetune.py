@@ -73,7 +73,8 @@ GPT2_FLAGS = [
 def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
     from transformer.config import base_config
     from transformer.convert import load_hf_gpt2
-    from transformer.trainer import _initial_params_from, make_setup, resolve_model_config
+    from transformer.finetune import initial_params
+    from transformer.run_config import RunConfig
 
     config = base_config()
     config.model.update(
@@ -95,9 +96,8 @@ def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
 
     for scan in (False, True):
         config.model.scan_layers = scan
-        model_cfg = resolve_model_config(config, 263)
-        setup = make_setup(config, model_cfg, 263, devices=jax.devices()[:1])
-        params = _initial_params_from(str(hf_checkpoint / "hf"), setup)
+        model_cfg = RunConfig.from_any(config).model_config(263)
+        params = initial_params(str(hf_checkpoint / "hf"), model_cfg)
         _, expected = load_hf_gpt2(str(hf_checkpoint / "hf"), pad_vocab_to=320, scan_layers=scan)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
             np.testing.assert_array_equal(np.asarray(a), b)

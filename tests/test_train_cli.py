@@ -39,7 +39,7 @@ def losses(workdir):
 def final_params(workdir):
     import jax
 
-    from transformer.inference import load_params
+    from transformer.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir)[1])
 

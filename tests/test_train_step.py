@@ -6,8 +6,9 @@ import pytest
 
 from transformer.config import PRESETS, ConfigError, base_config
 from transformer.optim import cross_entropy
+from transformer.run_config import RunConfig
 from transformer.sharding import batch_sharding, global_batch
-from transformer.trainer import forward, make_setup, resolve_model_config, within_mesh
+from transformer.trainer import Trainer
 
 VOCAB = 64
 
@@ -26,8 +27,8 @@ def tiny_config(**train):
 
 def setup_for(config, data=-1, fsdp=1, tensor=1, devices=None):
     config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-    model_cfg = resolve_model_config(config, VOCAB)
-    return make_setup(config, model_cfg, num_classes=VOCAB, devices=devices)
+    model_cfg = RunConfig.from_any(config).model_config(VOCAB)
+    return Trainer.build(config, model_cfg, num_classes=VOCAB, devices=devices)
 
 
 def lm_batch(seed=0, batch=8, seq=16):
@@ -36,7 +37,7 @@ def lm_batch(seed=0, batch=8, seq=16):
 
 
 def run_steps(setup, batches):
-    with within_mesh(setup):
+    with setup.within_mesh():
         state = setup.init_state(jax.random.key_data(jax.random.key(0)))
         losses = []
         for local in batches:
@@ -71,11 +72,11 @@ def equivalence_config():
 
 def gradients(setup, state, local):
     def loss(params, batch):
-        logits, targets, weights = forward(setup.model, params, batch)
+        logits, targets, weights = setup.task.forward(params, batch)
         total, _, count = cross_entropy(logits, targets, weights)
         return total / count
 
-    with within_mesh(setup):
+    with setup.within_mesh():
         grad_fn = jax.jit(
             jax.grad(loss), in_shardings=(setup.state_sharding.params, batch_sharding(setup.mesh))
         )
@@ -83,7 +84,7 @@ def gradients(setup, state, local):
 
 
 def one_step(setup):
-    with within_mesh(setup):
+    with setup.within_mesh():
         state = setup.init_state(jax.random.key_data(jax.random.key(0)))
     grads = gradients(setup, state, lm_batch(0))
     state, losses = run_steps(setup, [lm_batch(0), lm_batch(1)])
@@ -108,7 +109,7 @@ def test_sharded_steps_equal_single_device(mesh, single_device_result):
 
 def test_shards_have_the_promised_sizes():
     setup = setup_for(tiny_config(), data=1, fsdp=8)
-    with within_mesh(setup):
+    with setup.within_mesh():
         state = setup.init_state(jax.random.key_data(jax.random.key(0)))
     qkv = state.params["decoder"]["layers_0"]["self_attention"]["qkv"]["kernel"]  # [d, 3, n, h]
     shard = qkv.addressable_shards[0].data
@@ -117,7 +118,7 @@ def test_shards_have_the_promised_sizes():
     assert mu.addressable_shards[0].data.size == mu.size // 8  # optimizer state sharded too
 
     setup = setup_for(tiny_config(), data=2, tensor=4)
-    with within_mesh(setup):
+    with setup.within_mesh():
         state = setup.init_state(jax.random.key_data(jax.random.key(0)))
     layer = state.params["decoder"]["layers_0"]
     assert layer["self_attention"]["qkv"]["kernel"].addressable_shards[0].data.shape[2] == 1

@@ -216,9 +216,6 @@ class Checkpoints:
             multihost_utils.sync_global_devices("transformer.checkpoint.move_aside")
         self.manager.reload()
 
-    def read_config(self, step: int) -> dict[str, Any] | None:
-        return self._read_json(step, "config")
-
     def read_metrics(self, step: int) -> dict[str, Any] | None:
         """The metric sums pending at `step` (None for a checkpoint saved without them)."""
         return self._read_json(step, "metrics")

@@ -23,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+from transformer.rundir import atomic_output
 from transformer.tokenizer import DataError
 
 VALIDATION_FRACTION = 0.1  # of files, or of lines/records/characters when there is one file
@@ -38,24 +39,6 @@ class CorpusUnavailableError(DataError):
 def default_cache_dir() -> Path:
     """`$TRANSFORMER_DATA_CACHE`, or `~/.cache/transformer`."""
     return Path(os.environ.get("TRANSFORMER_DATA_CACHE") or "~/.cache/transformer").expanduser()
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yields a temporary path next to `path`, renamed to `path` only if the block succeeds.
-
-    Readers (a second process, the next run after a crash) see the old file or the whole new one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and workdirs are shared, readable files
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Corpus:

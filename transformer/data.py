@@ -37,20 +37,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from transformer.corpora import Corpus, atomic_output, default_cache_dir, load_corpus
+from transformer.corpora import Corpus, default_cache_dir, load_corpus
+from transformer.run_config import DataConfig
+from transformer.rundir import atomic_output
+from transformer.tasks import TRANSLATION_KEYS
 from transformer.tokenizer import DataError, Tokenizer, text_pieces
 
 log = logging.getLogger(__name__)
 
-# Data-config fields that may be absent, with the value an absent field means.
-OPTIONAL_FIELDS: dict[str, Any] = {
-    "vocab_size": 0,  # BPE vocabulary size; required when tokenizer='bpe'
-    "text_field": "text",  # JSON field holding the text, for 'jsonl:' corpora
-    "gpt2_vocab": "",  # directory with vocab.json + merges.txt, for tokenizer='gpt2'
-    "cache_dir": "",  # '' = $TRANSFORMER_DATA_CACHE or ~/.cache/transformer
-    "pack": False,  # translation: pack several pairs per row (needs segment-aware attention)
-    "truncate": True,  # translation: cut pairs to seq_len; False raises DataError instead
-}
 # Two threads overlap batch assembly with the train step; more only contend for the GIL.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 _ENCODE_GROUP_CHARS = 32 << 20  # text encoded per encode_batch call; bounds Python-int memory
@@ -264,15 +258,6 @@ def lm_eval_dataset(
 
 
 # ---------------------------------------------------------------------------- translation
-_TRANSLATION_KEYS = (
-    "src",
-    "tgt_in",
-    "tgt_out",
-    "src_segment_ids",
-    "tgt_segment_ids",
-    "src_positions",
-    "tgt_positions",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +293,7 @@ class PairTokens:
 
     def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of pair indices (empty = padding row) -> the translation batch dict."""
-        out = {k: np.zeros((len(rows), self.max_len), np.int32) for k in _TRANSLATION_KEYS}
+        out = {k: np.zeros((len(rows), self.max_len), np.int32) for k in TRANSLATION_KEYS}
         for r, pair_ids in enumerate(rows):
             s0 = t0 = 0
             for segment, p in enumerate(pair_ids, start=1):
@@ -407,7 +392,7 @@ def translation_eval_dataset(
 class Data:
     """What the trainer needs: tokenizer, train iterator, evaluation batches."""
 
-    kind: str  # 'lm' or 'translation'
+    corpus_kind: str  # 'lm' or 'translation': which task the batches are for
     tokenizer: Tokenizer
     train_iter: grain.DatasetIterator  # infinite, checkpointable, this process's rows
     eval_dataset: grain.MapDataset  # finite, batched, this process's rows
@@ -419,25 +404,15 @@ class Data:
         return iterator(ds)
 
 
-def load_tokenizer(workdir: str | Path) -> Tokenizer:
-    """The tokenizer a run saved in `workdir/tokenizer.json`."""
-    return Tokenizer.load(Path(workdir) / "tokenizer.json")
-
-
-def _option(data_cfg: Any, name: str) -> Any:
-    """A data-config field, or its `OPTIONAL_FIELDS` value when the config lacks it."""
-    return data_cfg[name] if name in data_cfg else OPTIONAL_FIELDS[name]
-
-
 def _training_texts(corpus: Corpus) -> list[str]:
     train = corpus.splits["train"]
     return [t for pair in train for t in pair] if corpus.kind == "translation" else train
 
 
-def _resolve_tokenizer(data_cfg: Any, corpus: Corpus, workdir: str | None) -> Tokenizer:
-    """The workdir's tokenizer if there is one, else GPT-2's or one trained on the train split."""
+def _resolve_tokenizer(data_cfg: DataConfig, corpus: Corpus, saved: Path | None) -> Tokenizer:
+    """The tokenizer at `saved` if there is one, else GPT-2's or one trained on the train split
+    (then written to `saved`)."""
     kind = data_cfg.tokenizer
-    saved = Path(workdir) / "tokenizer.json" if workdir else None
     if saved is not None and saved.is_file():
         tokenizer = Tokenizer.load(saved)
         if tokenizer.kind != kind:
@@ -449,19 +424,17 @@ def _resolve_tokenizer(data_cfg: Any, corpus: Corpus, workdir: str | None) -> To
     if kind == "char":
         tokenizer = Tokenizer.train_char(_training_texts(corpus))
     elif kind == "bpe":
-        tokenizer = Tokenizer.train_bpe(_training_texts(corpus), _option(data_cfg, "vocab_size"))
-    elif kind == "gpt2":
-        directory = Path(_option(data_cfg, "gpt2_vocab")).expanduser()
+        tokenizer = Tokenizer.train_bpe(_training_texts(corpus), data_cfg.vocab_size)
+    else:  # gpt2 (DataConfig allows no other)
+        directory = Path(data_cfg.gpt2_vocab).expanduser()
         tokenizer = Tokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
-    else:
-        raise DataError(f"unknown data.tokenizer {kind!r}; use 'char', 'bpe' or 'gpt2'.")
     if saved is not None:
         tokenizer.save(saved)
     return tokenizer
 
 
 def make_data(
-    data_cfg: Any,
+    data_cfg: DataConfig | Any,
     *,
     global_batch_size: int,
     seed: int,
@@ -469,22 +442,23 @@ def make_data(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Data:
-    """Builds tokenizer, train iterator and evaluation batches from the `data` config.
+    """Builds tokenizer, train iterator and evaluation batches from the `data` config section
+    (a `DataConfig`, or a mapping of its fields: missing ones take their defaults).
 
-    `data_cfg` needs `corpus`, `tokenizer` and `seq_len`; other fields default as in
-    `OPTIONAL_FIELDS`. The tokenizer comes from `workdir/tokenizer.json` when present (a resumed
-    run keeps its vocabulary), otherwise it is trained on the training split only and saved
-    there. Token arrays are cached under `data.cache_dir`.
+    The tokenizer comes from the run directory's tokenizer file when present (a resumed run
+    keeps its vocabulary), otherwise it is trained on the training split only and saved there.
+    Token arrays are cached under `data.cache_dir`.
     """
+    from transformer.rundir import RunDir
+
+    if not isinstance(data_cfg, DataConfig):
+        data_cfg = DataConfig(**(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg))
     local_batch_size(global_batch_size, process_index, process_count)  # fail fast
-    seq_len = int(data_cfg.seq_len)
-    if seq_len < 2:
-        raise DataError(f"data.seq_len={seq_len} is too short; use at least 2.")
-    cache_dir = Path(_option(data_cfg, "cache_dir") or default_cache_dir()).expanduser()
-    corpus = load_corpus(
-        data_cfg.corpus, text_field=_option(data_cfg, "text_field"), cache_dir=str(cache_dir)
-    )
-    tokenizer = _resolve_tokenizer(data_cfg, corpus, workdir)
+    seq_len = data_cfg.seq_len
+    cache_dir = Path(data_cfg.cache_dir or default_cache_dir()).expanduser()
+    corpus = load_corpus(data_cfg.corpus, text_field=data_cfg.text_field, cache_dir=str(cache_dir))
+    saved = RunDir(workdir).tokenizer_path if workdir else None
+    tokenizer = _resolve_tokenizer(data_cfg, corpus, saved)
     shard = dict(process_index=process_index, process_count=process_count)
     if corpus.kind == "lm":
         train = lm_train_dataset(
@@ -505,14 +479,14 @@ def make_data(
     def split_pairs(split: str) -> PairTokens:
         src, tgt = pair_tokens(corpus, split, tokenizer, cache_dir)
         pairs = PairTokens(src, tgt, seq_len, tokenizer.bos_id, tokenizer.eos_id)
-        pairs.check_lengths(_option(data_cfg, "truncate"), f"{corpus.name} {split}")
+        pairs.check_lengths(data_cfg.truncate, f"{corpus.name} {split}")
         return pairs
 
     train = translation_train_dataset(
         split_pairs("train"),
         global_batch_size=global_batch_size,
         seed=seed,
-        pack=_option(data_cfg, "pack"),
+        pack=data_cfg.pack,
         **shard,
     )
     evaluation = translation_eval_dataset(

@@ -1,6 +1,6 @@
 """Using a trained run: load `(config, params, tokenizer)` from a workdir and generate.
 
-    from transformer.inference import load_run, generate, translate
+    from transformer.inference import load_run, generate, translate   # load_run: rundir.py
     model_cfg, params, tokenizer = load_run("runs/default")
     print(generate(model_cfg, params, tokenizer, ["ROMEO:"], max_new_tokens=100)[0])
 
@@ -14,19 +14,19 @@ positions and masks right.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.checkpoint import CheckpointError, Checkpoints
 from transformer.config import ConfigError, ModelConfig
 from transformer.models import GPT, EncoderDecoder
+from transformer.optim import mask_vocab_padding
+from transformer.rundir import load_run
+
+__all__ = ["bleu", "generate", "load_run", "translate"]
 
 log = logging.getLogger(__name__)
 
@@ -34,66 +34,7 @@ Array = jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading.
-
-
-def read_run_config(workdir: str) -> dict[str, Any]:
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"no run directory {workdir}; pass the --workdir of a training run")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a training run's workdir")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
-    """The model config and parameters (host NumPy arrays) of a run's newest good checkpoint."""
-    config = read_run_config(workdir)
-    model_cfg = ModelConfig.from_dict(config["model"])
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-    model = GPT(model_cfg) if model_cfg.is_decoder_only else EncoderDecoder(model_cfg)
-    example = jnp.zeros((1, 2), jnp.int32)
-    args = (example,) if model_cfg.is_decoder_only else (example, example)
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *args)))
-    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract["params"])
-    try:
-        if not checkpoints.all_steps():
-            raise CheckpointError(
-                f"{workdir} has no checkpoint yet; train it first (train.py --workdir={workdir})"
-            )
-        used, params, damaged = checkpoints.newest_readable(
-            lambda s: checkpoints.restore_params(s, target), None if step is None else [step]
-        )
-    finally:
-        checkpoints.close()
-    if damaged:
-        log.warning(
-            "loaded the checkpoint at step %d instead of the damaged step(s) %s",
-            used,
-            ", ".join(map(str, damaged)),
-        )
-    return model_cfg, params
-
-
-def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, Any]:
-    """(model config, params, tokenizer) of a training run, from its newest checkpoint."""
-    from transformer.data import load_tokenizer
-
-    model_cfg, params = load_params(workdir, step)
-    return model_cfg, params, load_tokenizer(workdir)
-
-
-# ---------------------------------------------------------------------------------------------
 # The decoding callbacks.
-
-
-def _mask_vocab_padding(logits: Array, num_classes: int | None) -> Array:
-    if num_classes is None or num_classes >= logits.shape[-1]:
-        return logits
-    return jnp.where(
-        jnp.arange(logits.shape[-1]) < num_classes, logits, jnp.finfo(logits.dtype).min
-    )
 
 
 def gpt_init_cache(cfg: ModelConfig, batch: int, length: int, offset: Array) -> dict[str, Any]:
@@ -131,7 +72,7 @@ def gpt_tokens_to_logits(cfg: ModelConfig, params: Any, num_classes: int | None 
             mutable=["cache"],
         )
         new_cache = {"kv": variables["cache"], "index": index + t, "offset": offset}
-        return _mask_vocab_padding(logits, num_classes), new_cache
+        return mask_vocab_padding(logits, num_classes), new_cache
 
     return tokens_to_logits
 
@@ -202,7 +143,7 @@ def encdec_tokens_to_logits(cfg: ModelConfig, params: Any, num_classes: int | No
             mutable=["cache"],
         )
         new_cache = {**cache, "kv": variables["cache"], "index": index + t}
-        return _mask_vocab_padding(logits, num_classes), new_cache
+        return mask_vocab_padding(logits, num_classes), new_cache
 
     return tokens_to_logits
 
@@ -451,30 +392,3 @@ def bleu(
     )
     score = sacrebleu.corpus_bleu(hypotheses, [[tgt for _, tgt in pairs]]).score
     return float(score), hypotheses
-
-
-def print_final_sample(result: Any, config: Any) -> None:
-    """After training: a GPT prints a sample; an encoder-decoder a few held-out translations."""
-    if jax.process_index() != 0:
-        return
-    cfg, params, tokenizer = result.setup.model_cfg, result.state.params, result.tokenizer
-    params = jax.device_get(params)
-    if cfg.is_decoder_only:
-        if config.train.sample_tokens <= 0:
-            return
-        tokens = config.train.sample_tokens
-        text = generate(
-            cfg,
-            params,
-            tokenizer,
-            [""],
-            max_new_tokens=tokens,
-            temperature=0.8,
-            seed=config.train.seed,
-        )[0]
-        print(f"\n--- sample ({tokens} tokens, temperature 0.8) ---\n{text}\n---", flush=True)
-    elif result.eval_pairs:
-        pairs = result.eval_pairs[:3]
-        outputs = translate(cfg, params, tokenizer, [src for src, _ in pairs])
-        for (src, tgt), out in zip(pairs, outputs, strict=True):
-            print(f"\nsource:    {src}\nreference: {tgt}\nmodel:     {out}", flush=True)

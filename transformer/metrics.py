@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.config import ModelConfig
+from transformer.rundir import RunDir
 
 # Published dense bfloat16 peaks (FLOP/s per device), matched against `device_kind`.
 KNOWN_PEAK_FLOPS = {
@@ -34,7 +35,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = RunDir(workdir).metrics_path
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
@@ -67,11 +68,11 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return RunDir(workdir).read_metrics()
+
+
+def count_params(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def non_embedding_params(cfg: ModelConfig, num_params: int) -> int:
@@ -124,12 +125,3 @@ def known_peak_flops(device: Any) -> float | None:
         if name.lower() in kind.lower():
             return peak
     return None
-
-
-def peak_flops_per_device() -> tuple[float, str]:
-    """(FLOP/s, source): the published peak for known accelerators, else measured."""
-    device = jax.local_devices()[0]
-    peak = known_peak_flops(device)
-    if peak is not None:
-        return peak, f"published bf16 peak of {device.device_kind}"
-    return measure_matmul_flops(), f"measured float32 matmul on {device.platform}"

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer.config import ConfigError
-
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+from transformer.run_config import SCHEDULES
 
 
 def make_schedule(
@@ -79,6 +78,15 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
 
 
+def mask_vocab_padding(logits: jax.Array, num_classes: int | None) -> jax.Array:
+    """Logits of ids >= `num_classes` (embedding rows that pad the vocabulary) set to the most
+    negative float: never predicted, never sampled."""
+    if num_classes is None or num_classes >= logits.shape[-1]:
+        return logits
+    real = jnp.arange(logits.shape[-1]) < num_classes
+    return jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+
+
 def cross_entropy(
     logits: jax.Array,
     targets: jax.Array,
@@ -94,12 +102,8 @@ def cross_entropy(
     >= `num_classes` (vocabulary padding) are excluded. Smoothing puts 1 - eps on the target and
     eps / (K - 1) on every other real class (sec. 5.4, eps = 0.1 in the paper).
     """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    num_classes = vocab if num_classes is None else num_classes
-    if num_classes < vocab:
-        real = jnp.arange(vocab) < num_classes
-        logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    logits = mask_vocab_padding(logits.astype(jnp.float32), num_classes)
+    num_classes = logits.shape[-1] if num_classes is None else num_classes
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     if label_smoothing > 0:

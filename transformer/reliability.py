@@ -5,15 +5,11 @@
   (`reached_preemption_sync_point`) is polled every step where the distributed client runs the
   preemption service; it then owns SIGTERM and picks the step every process saves.
 - `NonFiniteError`: a NaN or inf loss or gradient with `train.nonfinite='stop'`.
-- `truncate_metrics`: a resumed run drops the `metrics.jsonl` records past its checkpoint, so
-  the file reads as one uninterrupted run (a killed run may have logged steps it never saved).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import types
 from typing import Any
@@ -113,34 +109,3 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
-
-
-def truncate_metrics(workdir: str, step: int) -> int:
-    """Drops `metrics.jsonl` records with a step past `step` (and any torn last line) in place,
-    atomically; returns how many records were dropped.
-
-    A run killed after logging step N but before its checkpoint at N completed logs N again when
-    it resumes; after this the file holds each step once, as an uninterrupted run writes it.
-    TensorBoard event files are append-only and keep the replaced points (TensorBoard shows the
-    newest value per step); `metrics.jsonl` is the record to trust.
-    """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill mid-write
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    dropped = len([line for line in lines if line.strip()]) - len(kept)
-    if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    return dropped

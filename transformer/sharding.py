@@ -120,3 +120,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
     }
+
+
+def check_batch_fits(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+    """Every micro-batch must split evenly over the data-parallel devices."""
+    micro, devices = batch_size // grad_accum_steps, data_parallel_size(mesh)
+    if micro % devices:
+        raise ConfigError(
+            f"the micro-batch of {micro} sequences does not split over mesh data x fsdp = "
+            f"{devices} devices; make train.batch_size a multiple of {devices * grad_accum_steps}"
+        )

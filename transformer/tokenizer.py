@@ -19,12 +19,13 @@ an EOS and `decode(encode(s)) == s` holds for any text the vocabulary covers.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from transformer.rundir import TOKENIZER, write_text_atomic
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 GPT2_EOT = "<|endoftext|>"
@@ -148,7 +149,7 @@ class Tokenizer:
         """Reads a `tokenizer.json` written by `save` (a file, or a directory holding one)."""
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist; train one or fix the path.")
         return cls(tokenizers.Tokenizer.from_file(str(path)))
@@ -157,14 +158,9 @@ class Tokenizer:
         """Writes `tokenizer.json` to `path` (a file, or a directory) atomically."""
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+            path = path / TOKENIZER
         # Atomic: a concurrent reader (another host, a sampler) never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a workdir is meant to be shared
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json())
 
     def to_json(self) -> str:
         """The `tokenizer.json` text; also the tokenizer's identity for cache keys."""
@@ -196,14 +192,6 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (all ids are below this)."""
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def padded_vocab_size(self, multiple: int = 64) -> int:
-        """`vocab_size` rounded up to `multiple` for an embedding with friendly shapes.
-
-        nanoGPT pads GPT-2's 50257 to 50304; ids in the padding are never produced.
-        """
-        return -(-self.vocab_size // multiple) * multiple
-
-    # ---------------------------------------------------------------- text <-> ids
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
         return self.hf.encode(text, add_special_tokens=False).ids

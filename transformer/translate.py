@@ -45,11 +45,13 @@ def held_out_pairs(data_cfg: dict) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    from transformer.inference import bleu, load_run, read_run_config, translate
+    from transformer.inference import bleu, translate
+    from transformer.rundir import RunDir
 
-    cfg, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
+    run = RunDir(FLAGS.workdir)
+    cfg, params, tokenizer = run.load(FLAGS.step)
     if FLAGS.bleu:
-        pairs = held_out_pairs(read_run_config(FLAGS.workdir)["data"])[: FLAGS.max_pairs]
+        pairs = held_out_pairs(run.read_config()["data"])[: FLAGS.max_pairs]
         score, _ = bleu(cfg, params, tokenizer, pairs, beam_size=FLAGS.beam_size, alpha=FLAGS.alpha)
         print(
             f"BLEU {score:.2f} on {len(pairs)} held-out pairs (beam {FLAGS.beam_size}, "
