@@ -12,7 +12,6 @@ Multi-host: the same command on every host (TPU pods and SLURM are detected), or
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -57,8 +56,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from transformer.cli import parse_flags_or_exit, run, setup_logging
+    from transformer.cli import main_entry
 
-    parse_flags_or_exit(sys.argv, "train.py")
-    setup_logging(FLAGS.debug)
-    sys.exit(run(main, program="train.py", debug=FLAGS.debug))
+    main_entry(main, "train.py")
