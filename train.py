@@ -3,8 +3,9 @@
   python train.py                                   # configs/default.py into runs/default
   python train.py --config=configs/NAME.py --workdir=DIR --config.train.num_steps=100
 
-Every config field can be overridden with --config.SECTION.FIELD=VALUE; unknown fields and
-wrong types are rejected. Running the same command again resumes from the newest checkpoint.
+Every config field can be overridden with --config.SECTION.FIELD=VALUE; unknown fields,
+wrong types and impossible values are rejected before anything is written (--help lists the
+fields). Running the same command again resumes from the newest checkpoint.
 Multi-host: the same command on every host (TPU pods and SLURM are detected), or pass
 --coordinator_address, --num_processes and --process_id.
 """
@@ -12,7 +13,6 @@ Multi-host: the same command on every host (TPU pods and SLURM are detected), or
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -37,7 +37,9 @@ flags.DEFINE_bool(
 
 def main() -> int:
     from transformer import distributed, hostmem
+    from transformer.run_config import RunConfig
 
+    RunConfig.from_any(FLAGS.config)  # every value checked before anything is written
     hostmem.configure(FLAGS.keep_host_memory)  # before JAX starts its threads
     import jax
 
@@ -59,8 +61,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from transformer.cli import parse_flags_or_exit, run, setup_logging
+    from transformer.cli import main_entry
 
-    parse_flags_or_exit(sys.argv, "train.py")
-    setup_logging(FLAGS.debug)
-    sys.exit(run(main, program="train.py", debug=FLAGS.debug))
+    main_entry(main, "train.py")

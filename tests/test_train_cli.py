@@ -95,7 +95,7 @@ def test_data_parallel_run_matches_single_device(straight_run, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--config.train.bogus=1"], "unknown config field 'config.train.bogus'"),
+        (["--config.train.bogus=1"], "unknown config field `train.bogus`"),
         (["--config.train.num_steps=ten"], "num_steps"),
         (["--config.model.num_heads=5"], "model.d_model=32: must be divisible by model.num_heads"),
         (["--config.mesh.data=3"], "mesh data=3"),

@@ -8,8 +8,6 @@ prompt. --temperature 0 is greedy; --top_k and --top_p filter the distribution.
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 
 flags.DEFINE_string("workdir", None, "Run directory of a GPT training run.", required=True)
@@ -56,13 +54,7 @@ def main() -> int:
     return 0
 
 
-def cli() -> None:
-    from transformer.cli import parse_flags_or_exit, run, setup_logging
-
-    parse_flags_or_exit(sys.argv, "transformer.sample")
-    setup_logging(FLAGS.debug)
-    sys.exit(run(main, program="transformer.sample", debug=FLAGS.debug))
-
-
 if __name__ == "__main__":
-    cli()
+    from transformer.cli import main_entry
+
+    main_entry(main, "transformer.sample")

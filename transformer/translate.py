@@ -1,4 +1,4 @@
-"""Translate with a trained encoder-decoder run, or score it with BLEU.
+r"""Translate with a trained encoder-decoder run, or score it with BLEU.
 
     echo "In the beginning God created the heavens and the earth." | \
         python -m transformer.translate --workdir=runs/translation_en_de
@@ -81,13 +81,7 @@ def main() -> int:
     return 0
 
 
-def cli() -> None:
-    from transformer.cli import parse_flags_or_exit, run, setup_logging
-
-    parse_flags_or_exit(sys.argv, "transformer.translate")
-    setup_logging(FLAGS.debug)
-    sys.exit(run(main, program="transformer.translate", debug=FLAGS.debug))
-
-
 if __name__ == "__main__":
-    cli()
+    from transformer.cli import main_entry
+
+    main_entry(main, "transformer.translate")
