@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+HF_EXTRA = "GPT-2 interop needs the hf extra: pip install torch && pip install -e '.[hf]'"
+
+torch = pytest.importorskip("torch", reason=HF_EXTRA)
+transformers = pytest.importorskip("transformers", reason=HF_EXTRA)
+pytest.importorskip("safetensors", reason=HF_EXTRA)
 
 from transformer import GPT, preset  # noqa: E402
 from transformer.convert import (  # noqa: E402

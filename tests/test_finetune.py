@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("torch")
+HF_EXTRA = "GPT-2 interop needs the hf extra: pip install torch && pip install -e '.[hf]'"
+
+transformers = pytest.importorskip("transformers", reason=HF_EXTRA)
+pytest.importorskip("torch", reason=HF_EXTRA)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

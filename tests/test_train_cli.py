@@ -116,3 +116,52 @@ def test_resuming_with_another_model_is_refused(straight_run, tmp_path):
     proc = train(workdir, "--config.model.d_model=64", check=False)
     assert proc.returncode == 2
     assert "holds a run of a different model (model.d_model: 32 -> 64)" in proc.stderr
+
+
+def test_a_finished_run_says_so_and_changes_nothing(straight_run):
+    workdir, _ = straight_run
+    before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+    proc = train(workdir)
+    assert proc.returncode == 0
+    assert (
+        f"the run in {workdir} already finished at step 20 (train.num_steps=20); raise "
+        "--config.train.num_steps to continue training it"
+    ) in proc.stdout
+    assert "sample" not in proc.stdout  # no second sample, no new event file, nothing rewritten
+    after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.data.corpus=text:/nonexistent/*.txt"], "/nonexistent"),
+        (["--config.mesh.tensor=3"], "does not divide the 1 devices"),  # after the tokenizer
+    ],
+)
+def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, overrides, message):
+    fresh = tmp_path / "fresh"
+    proc = train(str(fresh), *overrides, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    proc = train(str(existing), *overrides, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert os.listdir(existing) == ["notes.txt"]
+
+
+def test_loading_a_run_from_python_prints_no_library_warnings(straight_run):
+    workdir, _ = straight_run
+    code = (
+        "from transformer.inference import generate, load_run\n"
+        f"cfg, params, tokenizer = load_run({workdir!r})\n"
+        "print(generate(cfg, params, tokenizer, ['RO'], max_new_tokens=5)[0])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip()) > 0
+    assert "WARNING" not in proc.stderr, proc.stderr

@@ -22,11 +22,12 @@ What protects a checkpoint (checked on orbax-checkpoint 0.12.8, see tests/test_f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -67,6 +68,18 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _absl_level(level: int | None) -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    if level is not None:
+        logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def short_error(e: BaseException, limit: int = 300) -> str:
     """The root cause's first line, shortened: tensorstore messages run to kilobytes."""
     while e.__cause__ is not None:
@@ -83,15 +96,19 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
+            max_to_keep=keep if keep > 0 and not read_only else None,
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # drop half-written saves of a killed run
+            **({"save_interval_steps": 0} if read_only else {}),
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config", "metrics")
-        )
+        # Orbax tells a read-only manager, through absl's logger, that it is read-only: noise
+        # for a user loading a run.
+        with _absl_level(logging.ERROR if read_only else None):
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data", "config", "metrics")
+            )
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -256,23 +256,23 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
     trainer = Trainer.build(run_cfg, model_cfg, num_classes=data.tokenizer.vocab_size)
     trainer.task.check_data(data.corpus_kind, run_cfg.data.corpus)
     checkpoints = rundir.checkpoints(keep=run_cfg.checkpoint.keep)
-    newest = checkpoints.latest_step()
-    if newest is not None and newest >= t.num_steps:
-        return _Start(trainer, data, checkpoints, None, newest, None)
-    if jax.process_index() == 0:
-        resolved = run_cfg.to_dict()
-        resolved["model"] = model_cfg.to_dict()
-        rundir.write_config(resolved)
     with trainer.within_mesh():
         restored = checkpoints.restore_latest_good(trainer.abstract_state, data.train_iter)
         if restored is not None:
             step, state = restored
-            return _Start(trainer, data, checkpoints, state, step, checkpoints.read_metrics(step))
-        state = trainer.new_state(t.seed)
-        if run_cfg.checkpoint.init_from:
-            params = initial_params(run_cfg.checkpoint.init_from, model_cfg)
-            state = state.replace(params=trainer.place_params(params))
-    return _Start(trainer, data, checkpoints, state, 0, None)
+            if step >= t.num_steps:
+                return _Start(trainer, data, checkpoints, None, step, None)
+            sums = checkpoints.read_metrics(step)
+        else:
+            step, state, sums = 0, trainer.new_state(t.seed), None
+            if run_cfg.checkpoint.init_from:
+                params = initial_params(run_cfg.checkpoint.init_from, model_cfg)
+                state = state.replace(params=trainer.place_params(params))
+    if jax.process_index() == 0:
+        resolved = run_cfg.to_dict()
+        resolved["model"] = model_cfg.to_dict()
+        rundir.write_config(resolved)
+    return _Start(trainer, data, checkpoints, state, step, sums)
 
 
 def _peak_flops(t: Any) -> tuple[float | None, str]:
