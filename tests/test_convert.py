@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers", reason=HF_EXTRA)
 pytest.importorskip("safetensors", reason=HF_EXTRA)
 
 from transformer import GPT, preset  # noqa: E402
+from transformer.config import padded_vocab_size  # noqa: E402
 from transformer.convert import (  # noqa: E402
     ConvertError,
     config_from_hf,
@@ -289,7 +290,7 @@ def test_gpt2_tokenizer_files_end_to_end(tmp_path):
     assert ours.eos_id == theirs.eos_token_id == len(vocab) - 1
 
     model = hf_gpt2(**{**SIZES["2x64"], "vocab_size": len(vocab)})
-    cfg, params = load_hf_gpt2(model, pad_vocab_to=ours.padded_vocab_size())
+    cfg, params = load_hf_gpt2(model, pad_vocab_to=padded_vocab_size(ours.vocab_size))
     tokens = np.array([[ours.eos_id, *ids]])
     logits = our_logits(cfg, params, tokens)[..., : len(vocab)]
     assert np.abs(logits - hf_logits(model, tokens)).max() < 1e-4

@@ -1,11 +1,12 @@
 """Tokenizers: exact round trips, special ids, the one-file format, vocabulary size math."""
 
 import json
-import types
 
 import pytest
 
+from transformer.config import padded_vocab_size
 from transformer.corpora import load_shakespeare
+from transformer.run_config import DataConfig, RunConfig
 from transformer.tokenizer import DataError, Tokenizer
 
 GERMAN = "Grüße aus Köln: Die Straße ist süß, Äpfel über Öl.\n\tFuß und Maß!"
@@ -102,13 +103,15 @@ def test_gpt2_from_local_files(tmp_path, bpe: Tokenizer) -> None:
 
 
 def test_padded_vocab_size(bpe: Tokenizer) -> None:
-    gpt2_sized = types.SimpleNamespace(vocab_size=50257)
-    assert Tokenizer.padded_vocab_size(gpt2_sized) == 50304  # nanoGPT's number
-    assert Tokenizer.padded_vocab_size(gpt2_sized, multiple=128) == 50304
-    assert Tokenizer.padded_vocab_size(types.SimpleNamespace(vocab_size=64)) == 64
+    assert padded_vocab_size(50257) == 50304  # nanoGPT's number
+    assert padded_vocab_size(50257, multiple=128) == 50304
+    assert padded_vocab_size(64) == 64
     char = Tokenizer.train_char(["abc"])
-    assert (char.vocab_size, char.padded_vocab_size(), char.padded_vocab_size(4)) == (7, 64, 8)
-    assert bpe.padded_vocab_size() == 1024
+    assert (char.vocab_size, padded_vocab_size(7), padded_vocab_size(7, 4)) == (7, 64, 8)
+    assert padded_vocab_size(bpe.vocab_size) == 1024
+    # A run sizes its embedding the same way when model.vocab_size is 0.
+    run = RunConfig(model={"vocab_size": 0}, data=DataConfig(pad_vocab_to_multiple_of=4))
+    assert run.model_config(char.vocab_size).vocab_size == 8
     # No input produces an id at or beyond vocab_size, so padded rows are never targets.
     for tok in (char, bpe):
         assert max(tok.encode(GERMAN + UNSEEN + "abc")) < tok.vocab_size

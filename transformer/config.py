@@ -55,41 +55,41 @@ class ModelConfig:
     attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn
 
     def __post_init__(self) -> None:
-        def need(ok: bool, field: str, message: str) -> None:
+        def check(ok: bool, field: str, message: str) -> None:
             if not ok:
                 raise ConfigError(f"model.{field}={getattr(self, field)!r}: {message}")
 
         for field in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
-            need(
+            check(
                 isinstance(getattr(self, field), int) and getattr(self, field) > 0,
                 field,
                 "must be a positive integer",
             )
         for field in ("num_encoder_layers", "num_decoder_layers"):
-            need(
+            check(
                 isinstance(getattr(self, field), int) and getattr(self, field) >= 0,
                 field,
                 "must be a non-negative integer",
             )
-        need(
+        check(
             self.num_decoder_layers > 0,
             "num_decoder_layers",
             "every model needs a decoder; set it to at least 1",
         )
-        need(
+        check(
             self.d_model % self.num_heads == 0,
             "d_model",
             f"must be divisible by model.num_heads={self.num_heads}; pick a multiple of it",
         )
-        need(
+        check(
             self.positions != "sinusoidal" or self.d_model % 2 == 0,
             "d_model",
             "sinusoidal positions need an even width; use an even d_model or positions='learned'",
         )
         for field in ("dropout_rate", "attention_dropout_rate"):
-            need(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
-        need(self.norm_epsilon > 0, "norm_epsilon", "must be positive")
-        need(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
+            check(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
+        check(self.norm_epsilon > 0, "norm_epsilon", "must be positive")
+        check(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
         choices = {
             "activation": ACTIVATIONS,
             "norm_position": NORM_POSITIONS,
@@ -101,7 +101,7 @@ class ModelConfig:
             "attention_impl": ATTENTION_IMPLS,
         }
         for field, allowed in choices.items():
-            need(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")
+            check(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")
 
     @property
     def head_dim(self) -> int:
@@ -133,6 +133,12 @@ class ModelConfig:
                 f"valid fields: {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Embedding rows for a vocabulary: rounded up to a multiple for fast matmuls (GPT-2's
+    50257 -> 50304). The extra ids are never produced or predicted."""
+    return -(-vocab_size // multiple) * multiple
 
 
 # GPT-2's architecture, shared by its sizes: pre-norm, GELU, learned positions, N(0, 0.02).

@@ -78,6 +78,27 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
 
 
+def optimizer_for(train_cfg: Any, d_model: int) -> tuple[optax.GradientTransformation, Any]:
+    """(optimizer, learning-rate schedule) from the run config's `train` section."""
+    schedule = make_schedule(
+        train_cfg.schedule,
+        learning_rate=train_cfg.learning_rate,
+        warmup_steps=train_cfg.warmup_steps,
+        num_steps=train_cfg.num_steps,
+        min_learning_rate=train_cfg.min_learning_rate,
+        d_model=d_model,
+    )
+    tx = make_optimizer(
+        schedule,
+        b1=train_cfg.b1,
+        b2=train_cfg.b2,
+        eps=train_cfg.eps,
+        weight_decay=train_cfg.weight_decay,
+        grad_clip=train_cfg.grad_clip,
+    )
+    return tx, schedule
+
+
 def mask_vocab_padding(logits: jax.Array, num_classes: int | None) -> jax.Array:
     """Logits of ids >= `num_classes` (embedding rows that pad the vocabulary) set to the most
     negative float: never predicted, never sampled."""

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from transformer.config import ConfigError, ModelConfig
+from transformer.config import ConfigError, ModelConfig, padded_vocab_size
 
 TOKENIZERS = ("char", "bpe", "gpt2")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -233,9 +233,9 @@ class RunConfig:
         """The ModelConfig, with vocab_size 0 = the tokenizer's size rounded up to
         `data.pad_vocab_to_multiple_of` (padded ids are never produced or predicted)."""
         values = dict(self.model)
-        multiple = self.data.pad_vocab_to_multiple_of
         if values.get("vocab_size", 0) == 0:
-            values["vocab_size"] = -(-tokenizer_vocab_size // multiple) * multiple
+            multiple = self.data.pad_vocab_to_multiple_of
+            values["vocab_size"] = padded_vocab_size(tokenizer_vocab_size, multiple)
         elif values["vocab_size"] < tokenizer_vocab_size:
             raise ConfigError(
                 f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "

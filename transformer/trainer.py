@@ -33,7 +33,7 @@ from transformer.hooks import (
     StepInfo,
     Throughput,
 )
-from transformer.optim import make_optimizer, make_schedule
+from transformer.optim import optimizer_for
 from transformer.run_config import RunConfig
 from transformer.steps import TrainState, eval_step, train_step
 from transformer.tasks import Task, task_for
@@ -65,27 +65,12 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
     ) -> Trainer:
         run_cfg = RunConfig.from_any(config)
-        t, m = run_cfg.train, run_cfg.mesh
-        mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices)
+        train_cfg, mesh_cfg = run_cfg.train, run_cfg.mesh
+        mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices)
         sharding.check_model_fits(model_cfg, mesh)
-        sharding.check_batch_fits(t.batch_size, t.grad_accum_steps, mesh)
+        sharding.check_batch_fits(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
         task = task_for(model_cfg)
-        schedule = make_schedule(
-            t.schedule,
-            learning_rate=t.learning_rate,
-            warmup_steps=t.warmup_steps,
-            num_steps=t.num_steps,
-            min_learning_rate=t.min_learning_rate,
-            d_model=model_cfg.d_model,
-        )
-        tx = make_optimizer(
-            schedule,
-            b1=t.b1,
-            b2=t.b2,
-            eps=t.eps,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-        )
+        tx, schedule = optimizer_for(train_cfg, model_cfg.d_model)
 
         def boxed_init(rng: jax.Array) -> TrainState:
             params = task.init(jax.random.wrap_key_data(rng))["params"]
@@ -109,10 +94,10 @@ class Trainer:
             train_step,
             task=task,
             tx=tx,
-            label_smoothing=t.label_smoothing,
+            label_smoothing=train_cfg.label_smoothing,
             num_classes=num_classes,
-            accum_steps=t.grad_accum_steps,
-            skip_nonfinite=t.nonfinite == "skip",
+            accum_steps=train_cfg.grad_accum_steps,
+            skip_nonfinite=train_cfg.nonfinite == "skip",
         )
         evaluate = functools.partial(eval_step, task=task, num_classes=num_classes)
         return cls(
@@ -181,15 +166,17 @@ class Trainer:
     ) -> tuple[TrainState, int]:
         """Steps from `start` to train.stop_at_step (or num_steps) unless `stop` is requested,
         running the hooks that are due after each step; returns the state and the step."""
-        t = self.run_cfg.train
+        train_cfg = self.run_cfg.train
         step = start
         with self.within_mesh():
-            while step < t.last_step and not stop.requested:
+            while step < train_cfg.last_step and not stop.requested:
                 batch = sharding.global_batch(next(batches), self.mesh)
                 state, metrics = self.train_step(state, batch)
                 step += 1
                 stop.check_preemption(step)  # multi-process: JAX's preemption sync point
-                info = StepInfo(step, state, metrics, t.num_steps, t.last_step, stop)
+                info = StepInfo(
+                    step, state, metrics, train_cfg.num_steps, train_cfg.last_step, stop
+                )
                 started = time.perf_counter()
                 for hook in hooks:
                     if hook.due(info):
@@ -222,12 +209,13 @@ class TrainResult:
     def final_report(self) -> str:
         """What the task shows after training: a sample of text, or example translations."""
         params = jax.device_get(self.state.params)
-        t = self.trainer.run_cfg.train
-        return self.trainer.task.final_report(params, self.tokenizer, self.data, t)
+        train_cfg = self.trainer.run_cfg.train
+        return self.trainer.task.final_report(params, self.tokenizer, self.data, train_cfg)
 
 
 @dataclasses.dataclass
 class _Start:
+    rundir: Any
     trainer: Trainer
     data: Any
     checkpoints: Any
@@ -242,11 +230,11 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
     from transformer.data import make_data
     from transformer.finetune import RUNTIME_MODEL_FIELDS, initial_params
 
-    t = run_cfg.train
+    train_cfg = run_cfg.train
     data = make_data(
         run_cfg.data,
-        global_batch_size=t.batch_size,
-        seed=t.seed,
+        global_batch_size=train_cfg.batch_size,
+        seed=train_cfg.seed,
         workdir=str(rundir.path),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -260,11 +248,11 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
         restored = checkpoints.restore_latest_good(trainer.abstract_state, data.train_iter)
         if restored is not None:
             step, state = restored
-            if step >= t.num_steps:
-                return _Start(trainer, data, checkpoints, None, step, None)
+            if step >= train_cfg.num_steps:
+                return _Start(rundir, trainer, data, checkpoints, None, step, None)
             sums = checkpoints.read_metrics(step)
         else:
-            step, state, sums = 0, trainer.new_state(t.seed), None
+            step, state, sums = 0, trainer.new_state(train_cfg.seed), None
             if run_cfg.checkpoint.init_from:
                 params = initial_params(run_cfg.checkpoint.init_from, model_cfg)
                 state = state.replace(params=trainer.place_params(params))
@@ -272,22 +260,76 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
         resolved = run_cfg.to_dict()
         resolved["model"] = model_cfg.to_dict()
         rundir.write_config(resolved)
-    return _Start(trainer, data, checkpoints, state, step, sums)
+    return _Start(rundir, trainer, data, checkpoints, state, step, sums)
 
 
-def _peak_flops(t: Any) -> tuple[float | None, str]:
-    """Per-device FLOP/s for MFU: train.peak_flops, else a known accelerator's published bf16
-    peak. None on other devices (CPUs): a matmul timed at start-up on a busy machine gave
-    MFUs over 100%, so no MFU is shown there unless train.peak_flops says the limit."""
-    from transformer.metrics import known_peak_flops
+def _mfu_scale(trainer: Trainer, num_params: int) -> tuple[float | None, str]:
+    """(MFU per token/s, where the peak came from): train.peak_flops, else a known
+    accelerator's published bf16 peak. None on other devices (CPUs): a matmul timed at start-up
+    on a busy machine gave MFUs over 100%, so no MFU is shown there unless train.peak_flops
+    gives the machine's limit."""
+    from transformer.metrics import flops_per_token, known_peak_flops
 
-    if t.peak_flops:
-        return t.peak_flops, "train.peak_flops"
+    run_cfg = trainer.run_cfg
     device = jax.local_devices()[0]
-    peak = known_peak_flops(device)
-    if peak is None:
+    if run_cfg.train.peak_flops:
+        peak, source = run_cfg.train.peak_flops, "train.peak_flops"
+    elif (peak := known_peak_flops(device)) is not None:
+        source = f"published bf16 peak of {device.device_kind}"
+    else:
         return None, "no MFU: set train.peak_flops to this machine's FLOP/s to see it"
-    return peak, f"published bf16 peak of {device.device_kind}"
+    # Simulated CPU devices share the same cores: the peak is the machine's.
+    devices = 1 if device.platform == "cpu" else jax.device_count()
+    flops = flops_per_token(trainer.model_cfg, num_params, run_cfg.data.seq_len)
+    return flops / (peak * devices), f"peak {peak / 1e9:.1f} GFLOP/s ({source})"
+
+
+def _hooks(start: _Start, stop: Any, clock: Throughput, mfu_scale: float | None) -> Any:
+    """The run's hooks, in the order they run after a step, and its record keeper."""
+    from tqdm import tqdm
+
+    from transformer.metrics import MetricsWriter
+
+    trainer, data, checkpoints = start.trainer, start.data, start.checkpoints
+    run_cfg, train_cfg = trainer.run_cfg, trainer.run_cfg.train
+    is_main = jax.process_index() == 0
+    sums = MetricSums(trainer.mesh, start.sums)
+    policy = NonFinitePolicy(train_cfg.nonfinite, checkpoints.latest_step)
+    evaluation = Hook(
+        lambda info: trainer.evaluate(
+            info.state.params, data.eval_batches(train_cfg.eval_batches or None)
+        ),
+        every=train_cfg.eval_every_steps,
+        at_last=True,
+    )
+    end_of_run = Hook(
+        lambda info: trainer.task.end_of_run_metrics(
+            jax.device_get(info.state.params), data.tokenizer, data, train_cfg
+        ),
+        at_last=True,
+    )
+    bar = tqdm(
+        total=train_cfg.num_steps, initial=start.step, disable=not is_main, dynamic_ncols=True
+    )
+    log = LogMetrics(
+        sums,
+        policy,
+        MetricsWriter(str(start.rundir.path), enabled=is_main),
+        clock,
+        trainer.schedule,
+        mfu_scale,
+        measures=(evaluation, end_of_run),
+        bar=bar,
+        on_record=stop.sync if jax.process_count() > 1 else lambda: None,
+    )
+    save = SaveCheckpoint(checkpoints, sums, policy, data.train_iter, run_cfg.to_dict())
+    hooks = [
+        Hook(sums.add, every=1),
+        Hook(lambda info: bar.update(info.step - bar.n), every=1),
+        Hook(log, every=train_cfg.log_every_steps, at_last=True, also_with=(evaluation,)),
+        Hook(save, every=run_cfg.checkpoint.every_steps, at_last=True, at_stop=True),
+    ]
+    return hooks, log
 
 
 def train_and_evaluate(config: RunConfig | Any, workdir: str) -> TrainResult:
@@ -296,14 +338,12 @@ def train_and_evaluate(config: RunConfig | Any, workdir: str) -> TrainResult:
     `config` is a RunConfig or a ConfigDict / dict of one (checked field by field first). A
     start that fails (a bad corpus, a mesh that does not fit) leaves the workdir as it was.
     """
-    from tqdm import tqdm
-
-    from transformer.metrics import MetricsWriter, count_params, flops_per_token
+    from transformer.metrics import count_params
     from transformer.reliability import StopSignal
     from transformer.rundir import RunDir
 
     run_cfg = RunConfig.from_any(config)
-    t, is_main = run_cfg.train, jax.process_index() == 0
+    train_cfg, is_main = run_cfg.train, jax.process_index() == 0
     rundir = RunDir(workdir)
     with rundir.removed_on_failure(enabled=is_main):
         start = _start(run_cfg, rundir)
@@ -313,60 +353,23 @@ def train_and_evaluate(config: RunConfig | Any, workdir: str) -> TrainResult:
         if is_main:
             print(
                 f"the run in {workdir} already finished at step {start.step} (train.num_steps="
-                f"{t.num_steps}); raise --config.train.num_steps to continue training it",
+                f"{train_cfg.num_steps}); raise --config.train.num_steps to continue training it",
                 flush=True,
             )
         return TrainResult({}, None, trainer, data, stopped_early=False, finished_before=True)
     state, step = start.state, start.step
+    num_params = count_params(state.params)
+    mfu_scale, peak = _mfu_scale(trainer, num_params)
     if is_main:
         rundir.truncate_metrics(step)  # drop records a killed run logged past its checkpoint
-    num_params = count_params(state.params)
-    peak, peak_source = _peak_flops(t)
-    # Simulated CPU devices share the same cores: the peak is the machine's.
-    devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
-    flops = flops_per_token(trainer.model_cfg, num_params, run_cfg.data.seq_len)
-    if is_main:
         resumed = f"resuming from the checkpoint at step {step}\n" if step else ""
         print(
             f"{resumed}workdir {workdir}: {trainer.task.describe()}, {num_params:,} parameters, "
-            f"mesh {dict(trainer.mesh.shape)}, "
-            + (f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source),
+            f"mesh {dict(trainer.mesh.shape)}, {peak}",
             flush=True,
         )
     stop, clock = StopSignal(), Throughput(step)
-    sums = MetricSums(trainer.mesh, start.sums)
-    policy = NonFinitePolicy(t.nonfinite, checkpoints.latest_step)
-    evaluation = Hook(
-        lambda info: trainer.evaluate(info.state.params, data.eval_batches(t.eval_batches or None)),
-        every=t.eval_every_steps,
-        at_last=True,
-    )
-    end_of_run = Hook(
-        lambda info: trainer.task.end_of_run_metrics(
-            jax.device_get(info.state.params), data.tokenizer, data, t
-        ),
-        at_last=True,
-    )
-    writer = MetricsWriter(workdir, enabled=is_main)
-    bar = tqdm(total=t.num_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = LogMetrics(
-        sums,
-        policy,
-        writer,
-        clock,
-        trainer.schedule,
-        flops / (peak * devices) if peak else None,
-        measures=(evaluation, end_of_run),
-        bar=bar,
-        on_record=stop.sync if jax.process_count() > 1 else lambda: None,
-    )
-    save = SaveCheckpoint(checkpoints, sums, policy, data.train_iter, run_cfg.to_dict())
-    hooks = [
-        Hook(sums.add, every=1),
-        Hook(lambda info: bar.update(info.step - bar.n), every=1),
-        Hook(log, every=t.log_every_steps, at_last=True, also_with=(evaluation,)),
-        Hook(save, every=run_cfg.checkpoint.every_steps, at_last=True, at_stop=True),
-    ]
+    hooks, log = _hooks(start, stop, clock, mfu_scale)
     try:
         with stop:
             state, step = trainer.run(
@@ -374,21 +377,21 @@ def train_and_evaluate(config: RunConfig | Any, workdir: str) -> TrainResult:
             )
             checkpoints.wait()
     finally:
-        bar.close()
-        writer.close()
+        log.bar.close()
+        log.writer.close()
         checkpoints.close()
     if is_main:
-        print(_ending(stop, step, t, log.last), flush=True)
-    return TrainResult(log.last, state, trainer, data, stopped_early=step < t.num_steps)
+        print(_ending(stop, step, train_cfg.num_steps, log.last), flush=True)
+    return TrainResult(log.last, state, trainer, data, stopped_early=step < train_cfg.num_steps)
 
 
-def _ending(stop: Any, step: int, t: Any, last: dict[str, Any]) -> str:
+def _ending(stop: Any, step: int, num_steps: int, last: dict[str, Any]) -> str:
     if stop.requested:
         return (
             f"stopped by {stop.signal_name} at step {step}; checkpoint saved, run the same "
             "command to resume"
         )
-    if step < t.num_steps:
+    if step < num_steps:
         return (
             f"stopped at train.stop_at_step={step} with a checkpoint; run again with "
             "stop_at_step=0 to continue"
