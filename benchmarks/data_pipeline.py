@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformer.batching import iterator
 from transformer.corpora import Corpus, load_shakespeare_plays
-from transformer.data import iterator, lm_tokens, lm_train_dataset
+from transformer.data import lm_train_dataset
+from transformer.token_cache import lm_tokens
 from transformer.tokenizer import Tokenizer
 
 

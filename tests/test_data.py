@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from transformer import corpora
+from transformer.batching import iterator
 from transformer.corpora import (
     CorpusUnavailableError,
     load_bible_pairs,
@@ -17,19 +18,10 @@ from transformer.corpora import (
     load_shakespeare_plays,
     normalise_play,
 )
-from transformer.data import (
-    Data,
-    DataError,
-    PairTokens,
-    Ragged,
-    iterator,
-    lm_eval_dataset,
-    lm_train_dataset,
-    make_data,
-    translation_eval_dataset,
-    translation_train_dataset,
-)
+from transformer.data import Data, DataError, lm_eval_dataset, lm_train_dataset, make_data
+from transformer.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
 from transformer.rundir import RunDir
+from transformer.token_cache import Ragged
 from transformer.tokenizer import Tokenizer
 
 SEQ = 4

@@ -1,4 +1,5 @@
-"""Data pipeline: tokenised corpora cached on disk, batched by `grain`, one entry point `make_data`.
+"""Data pipeline entry point `make_data`, the batch formats of both tasks, and the language-model
+batches.
 
 Batches are numpy dicts, already cut to this process's rows of the global batch (rows
 `[process_index * local, (process_index + 1) * local)`), ready for
@@ -21,15 +22,16 @@ Batches are numpy dicts, already cut to this process's rows of the global batch 
 Iterators are `grain.DatasetIterator`s: `get_state()`/`set_state()` and Orbax
 `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume at the exact next batch. Their state
 is a global batch counter, so it does not depend on process count.
+
+The other parts of the pipeline: `transformer.corpora` reads the texts, `transformer.token_cache`
+tokenises each split once and keeps it on disk, `transformer.batching` cuts global batches into
+this process's rows, and `transformer.pairs` lays out the translation rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,153 +39,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from transformer.batching import global_rows, iterator, local_batch_size, shuffled_batches
 from transformer.corpora import Corpus, default_cache_dir, load_corpus
+from transformer.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
 from transformer.run_config import DataConfig
-from transformer.rundir import atomic_output
-from transformer.tasks import TRANSLATION_KEYS
-from transformer.tokenizer import DataError, Tokenizer, text_pieces
-
-log = logging.getLogger(__name__)
-
-# Two threads overlap batch assembly with the train step; more only contend for the GIL.
-READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-_ENCODE_GROUP_CHARS = 32 << 20  # text encoded per encode_batch call; bounds Python-int memory
-_PIECE_CHARS = 1 << 20  # piece size inside a group; pieces are encoded in parallel
-
-
-# ---------------------------------------------------------------------------- token caches
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """Smallest unsigned dtype holding every id: uint16 up to 65536 ids, else uint32."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def _cache_path(cache_dir: Path, corpus: Corpus, split: str, tokenizer: Tokenizer) -> Path:
-    """`tokens/<corpus>-<split>-<hash of corpus fingerprint and tokenizer json>`."""
-    key = hashlib.sha256(f"{corpus.fingerprint}\0{tokenizer.to_json()}".encode()).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", corpus.name).strip("_")[:48]
-    return cache_dir / "tokens" / f"{slug}-{split}-{key[:20]}"
-
-
-def _encode_many(tokenizer: Tokenizer, texts: list[str], dtype: type) -> list[np.ndarray]:
-    """One id array per text, encoding big texts piecewise and many texts in parallel batches."""
-    group: list[str] = []  # pieces awaiting encode_batch
-    owners: list[int] = []  # which text each piece belongs to
-    parts: dict[int, list[np.ndarray]] = {}
-
-    def flush() -> None:
-        for owner, ids in zip(owners, tokenizer.encode_batch(group), strict=True):
-            parts.setdefault(owner, []).append(np.asarray(ids, dtype=dtype))
-        group.clear()
-        owners.clear()
-
-    size = 0
-    for i, text in enumerate(texts):
-        for piece in text_pieces(text, _PIECE_CHARS):
-            group.append(piece)
-            owners.append(i)
-            size += len(piece)
-            if size >= _ENCODE_GROUP_CHARS:
-                flush()
-                size = 0
-    flush()
-    return [np.concatenate(parts.get(i, [np.zeros(0, dtype)])) for i in range(len(texts))]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def lm_tokens(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
-    """The split as one flat token array (each document followed by EOS), memory-mapped.
-
-    Cached in `cache_dir/tokens/`; a second call with the same corpus and tokenizer reads the
-    cache and neither reads the text nor tokenises.
-    """
-    path = _cache_path(cache_dir, corpus, split, tokenizer).with_suffix(".npy")
-    if not path.is_file():
-        dtype = token_dtype(tokenizer.vocab_size)
-        eos = np.array([tokenizer.eos_id], dtype)
-        docs = _encode_many(tokenizer, corpus.splits[split], dtype)
-        _save_npy(path, np.concatenate([a for doc in docs for a in (doc, eos)]))
-    return np.load(path, mmap_mode="r")
-
-
-@dataclasses.dataclass(frozen=True)
-class Ragged:
-    """Variable-length id sequences: sequence i is `tokens[offsets[i]:offsets[i + 1]]`."""
-
-    tokens: np.ndarray
-    offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @classmethod
-    def from_arrays(cls, arrays: list[np.ndarray], dtype: type) -> Ragged:
-        offsets = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum([len(a) for a in arrays], out=offsets[1:])
-        tokens = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
-        return cls(tokens, offsets)
-
-
-def pair_tokens(
-    corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: Path
-) -> tuple[Ragged, Ragged]:
-    """(source, target) id sequences of a translation split, cached like `lm_tokens`."""
-    stem = _cache_path(cache_dir, corpus, split, tokenizer)
-    paths = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in ("src", "tgt", "off")}
-    if not paths["off"].is_file():  # written last, so its presence means all are complete
-        dtype = token_dtype(tokenizer.vocab_size)
-        pairs = corpus.splits[split]
-        src = Ragged.from_arrays(_encode_many(tokenizer, [s for s, _ in pairs], dtype), dtype)
-        tgt = Ragged.from_arrays(_encode_many(tokenizer, [t for _, t in pairs], dtype), dtype)
-        _save_npy(paths["src"], src.tokens)
-        _save_npy(paths["tgt"], tgt.tokens)
-        _save_npy(paths["off"], np.stack([src.offsets, tgt.offsets]))
-    offsets = np.load(paths["off"])
-    return (
-        Ragged(np.load(paths["src"], mmap_mode="r"), offsets[0]),
-        Ragged(np.load(paths["tgt"], mmap_mode="r"), offsets[1]),
-    )
-
-
-# ---------------------------------------------------------------------------- shared helpers
-def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    """Rows per process; DataError unless the global batch divides evenly among processes."""
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} is not in [0, {process_count}).")
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise DataError(
-            f"global batch size {global_batch_size} does not divide among {process_count} "
-            "processes; set train.batch_size to a positive multiple of the process count."
-        )
-    return global_batch_size // process_count
-
-
-def _global_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """This process's rows of a global batch."""
-    local = local_batch_size(global_batch_size, process_index, process_count)
-    return slice(process_index * local, (process_index + 1) * local)
-
-
-def _shuffled_batches(num_items: int, seed: int, global_batch_size: int) -> grain.MapDataset:
-    """Infinite stream of global batches of item indices; each epoch a fresh permutation."""
-    # shuffle before repeat: grain folds the epoch into the seed, so epochs differ.
-    ds = grain.MapDataset.range(num_items).shuffle(seed=seed % 2**32).repeat()
-    return ds.batch(global_batch_size)
-
-
-def iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
-    """A checkpointable iterator with background prefetch."""
-    return iter(dataset.to_iter_dataset(READ_OPTIONS))
+from transformer.token_cache import lm_tokens, pair_tokens
+from transformer.tokenizer import DataError, Tokenizer
 
 
 # ---------------------------------------------------------------------------- language model
@@ -218,9 +79,9 @@ def lm_train_dataset(
 ) -> grain.MapDataset:
     """Infinite LM batches `{'tokens': int32[local, seq_len + 1]}` (see the module docstring)."""
     n = _check_windows(tokens, seq_len, "the training split")
-    rows = _global_rows(global_batch_size, process_index, process_count)
+    rows = global_rows(global_batch_size, process_index, process_count)
     batch = functools.partial(_lm_train_batch, tokens=tokens, rows=rows, seq_len=seq_len)
-    return _shuffled_batches(n, seed, global_batch_size).map(batch)
+    return shuffled_batches(n, seed, global_batch_size).map(batch)
 
 
 def _lm_eval_batch(
@@ -245,7 +106,7 @@ def lm_eval_dataset(
     """Finite LM batches in order, every window once; the last global batch is zero-padded and
     its padding rows have `mask` 0."""
     n = _check_windows(tokens, seq_len, "the validation split")
-    rows = _global_rows(global_batch_size, process_index, process_count)
+    rows = global_rows(global_batch_size, process_index, process_count)
     batch = functools.partial(
         _lm_eval_batch,
         tokens=tokens,
@@ -255,136 +116,6 @@ def lm_eval_dataset(
         seq_len=seq_len,
     )
     return grain.MapDataset.range(-(-n // global_batch_size)).map(batch)
-
-
-# ---------------------------------------------------------------------------- translation
-
-
-@dataclasses.dataclass(frozen=True)
-class PairTokens:
-    """Tokenised translation pairs and how to lay them out in fixed-length rows."""
-
-    src: Ragged
-    tgt: Ragged
-    max_len: int  # row length; a sequence gets max_len - 1 tokens plus BOS or EOS
-    bos_id: int
-    eos_id: int
-
-    def check_lengths(self, truncate: bool, what: str) -> None:
-        """Logs how many pairs get truncated, or raises if `truncate` is False."""
-        too_long = np.flatnonzero(
-            (self.src.lengths >= self.max_len) | (self.tgt.lengths >= self.max_len)
-        )
-        if len(too_long) and not truncate:
-            i = int(too_long[0])
-            raise DataError(
-                f"{len(too_long)} pair(s) in {what} exceed seq_len={self.max_len} with BOS/EOS "
-                f"(pair {i}: {len(self.src[i])} source, {len(self.tgt[i])} target tokens); "
-                "raise data.seq_len or set data.truncate=True."
-            )
-        if len(too_long):
-            log.info(
-                "%s: truncated %d of %d pairs to %d tokens",
-                what,
-                len(too_long),
-                len(self.src),
-                self.max_len,
-            )
-
-    def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows of pair indices (empty = padding row) -> the translation batch dict."""
-        out = {k: np.zeros((len(rows), self.max_len), np.int32) for k in TRANSLATION_KEYS}
-        for r, pair_ids in enumerate(rows):
-            s0 = t0 = 0
-            for segment, p in enumerate(pair_ids, start=1):
-                src, tgt = self.src[p][: self.max_len - 1], self.tgt[p][: self.max_len - 1]
-                s1, t1 = s0 + len(src) + 1, t0 + len(tgt) + 1
-                out["src"][r, s0 : s1 - 1] = src
-                out["src"][r, s1 - 1] = self.eos_id
-                out["tgt_in"][r, t0] = self.bos_id
-                out["tgt_in"][r, t0 + 1 : t1] = tgt
-                out["tgt_out"][r, t0 : t1 - 1] = tgt
-                out["tgt_out"][r, t1 - 1] = self.eos_id
-                out["src_segment_ids"][r, s0:s1] = segment
-                out["tgt_segment_ids"][r, t0:t1] = segment
-                out["src_positions"][r, s0:s1] = np.arange(s1 - s0)
-                out["tgt_positions"][r, t0:t1] = np.arange(t1 - t0)
-                s0, t0 = s1, t1
-        return out
-
-    def pack(self, seed: int, open_rows: int = 16) -> list[np.ndarray]:
-        """Pairs (in a seeded random order) packed first-fit into rows of `max_len`.
-
-        Only the newest `open_rows` rows take more pairs, which keeps packing linear. The packing
-        is fixed for the run; segment masking makes a row equivalent to its pairs alone, and
-        the rows are still reshuffled every epoch.
-        """
-        src_len = np.minimum(self.src.lengths + 1, self.max_len)
-        tgt_len = np.minimum(self.tgt.lengths + 1, self.max_len)
-        rows: list[list[int]] = []
-        used: list[list[int]] = []  # [src, tgt] tokens used, parallel to rows
-        for p in np.random.default_rng(seed).permutation(len(self.src)):
-            s, t = int(src_len[p]), int(tgt_len[p])
-            for r in range(max(0, len(rows) - open_rows), len(rows)):
-                if used[r][0] + s <= self.max_len and used[r][1] + t <= self.max_len:
-                    rows[r].append(int(p))
-                    used[r][0] += s
-                    used[r][1] += t
-                    break
-            else:
-                rows.append([int(p)])
-                used.append([s, t])
-        return [np.asarray(r) for r in rows]
-
-
-def _translation_train_batch(
-    indices: np.ndarray, pairs: PairTokens, rows: list[np.ndarray], local: slice
-) -> dict:
-    return pairs.batch([rows[i] for i in indices[local]])
-
-
-def translation_train_dataset(
-    pairs: PairTokens,
-    *,
-    global_batch_size: int,
-    seed: int,
-    pack: bool = False,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:
-    """Infinite translation batches, one pair per row or packed (see the module docstring)."""
-    local = _global_rows(global_batch_size, process_index, process_count)
-    if len(pairs.src) == 0:
-        raise DataError("the training split has no pairs; check data.corpus.")
-    rows = pairs.pack(seed) if pack else [np.array([i]) for i in range(len(pairs.src))]
-    batch = functools.partial(_translation_train_batch, pairs=pairs, rows=rows, local=local)
-    return _shuffled_batches(len(rows), seed, global_batch_size).map(batch)
-
-
-def _translation_eval_batch(
-    b: int, pairs: PairTokens, local: slice, global_batch_size: int
-) -> dict:
-    first = b * global_batch_size
-    ids = range(first + local.start, first + local.stop)
-    return pairs.batch([np.array([i] if i < len(pairs.src) else [], np.int64) for i in ids])
-
-
-def translation_eval_dataset(
-    pairs: PairTokens,
-    *,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:
-    """Finite translation batches in order, one pair per row; the last global batch is padded
-    with empty rows (all segment ids 0)."""
-    local = _global_rows(global_batch_size, process_index, process_count)
-    if len(pairs.src) == 0:
-        raise DataError("the validation split has no pairs; check data.corpus.")
-    batch = functools.partial(
-        _translation_eval_batch, pairs=pairs, local=local, global_batch_size=global_batch_size
-    )
-    return grain.MapDataset.range(-(-len(pairs.src) // global_batch_size)).map(batch)
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -28,7 +28,7 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
     if source.checkpoints_path.exists():
         source_cfg, params = source.load_params()
         if source_cfg.scan_layers != model_cfg.scan_layers:
-            from transformer.convert import stack_layers, unstack_layers
+            from transformer.scan_layers import stack_layers, unstack_layers
 
             params = (stack_layers if model_cfg.scan_layers else unstack_layers)(params)
     elif (source.path / CONFIG).exists():
