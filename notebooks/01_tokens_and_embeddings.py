@@ -44,6 +44,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from transformer import ModelConfig
+from transformer.config import padded_vocab_size
 from transformer.corpora import load_shakespeare
 from transformer.inference import load_run
 from transformer.layers import Embed, sinusoidal_table
@@ -147,7 +148,8 @@ plt.show()
 # Below we build the library's `Embed` layer and check its output against that formula.
 
 # %%
-cfg = ModelConfig(vocab_size=char_tok.padded_vocab_size(), d_model=16, num_heads=2, max_len=64)
+vocab_rows = padded_vocab_size(char_tok.vocab_size)  # rounded up to a multiple of 64
+cfg = ModelConfig(vocab_size=vocab_rows, d_model=16, num_heads=2, max_len=64)
 embed = Embed(cfg)
 tokens = jnp.asarray([char_tok.encode("to be, or not")])  # [b=1, t=13]
 positions = jnp.arange(tokens.shape[1])[None]  # [1, t]

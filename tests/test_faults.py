@@ -376,7 +376,8 @@ def test_nonfinite_skip_counts_skipped_steps_and_continues(tmp_path):
         (
             ["--config.data.tokenizer=gpt2", "--config.data.gpt2_vocab=/nonexistent"],
             1,
-            "GPT-2 vocabulary file /nonexistent/vocab.json does not exist",
+            "data.gpt2_vocab='/nonexistent': tokenizer=gpt2 needs the directory holding GPT-2's "
+            "vocab.json and merges.txt",
         ),
     ],
     ids=["seq_len_over_max_len", "batch_not_divisible_by_mesh", "missing_tokenizer_file"],
