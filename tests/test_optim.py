@@ -89,3 +89,43 @@ def test_cross_entropy_without_smoothing_is_nll():
     expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).sum()
     np.testing.assert_allclose(nll, expected, rtol=1e-6)
     assert float(count) == 20.0
+
+
+@pytest.mark.parametrize("chunk_len", [1, 4, 5, 13, 64])  # dividing t, not, all, more than t
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk_len, smoothing):
+    from transformer.ops.loss import chunked_cross_entropy
+
+    rng = np.random.default_rng(0)
+    b, t, d, v, real = 3, 13, 8, 24, 19  # ids 19..23 pad the vocabulary
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, real, size=(b, t)), jnp.int32)
+    weights = jnp.asarray(rng.integers(0, 2, size=(b, t)), jnp.float32)  # padding positions
+    weights = weights.at[:, 0].set(1.0)
+
+    def project(kernel, h):
+        return jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+
+    def plain(kernel, hidden):
+        logits = project(kernel, hidden)
+        return cross_entropy(logits, targets, weights, label_smoothing=smoothing, num_classes=real)
+
+    def chunked(kernel, hidden):
+        return chunked_cross_entropy(
+            project,
+            kernel,
+            hidden,
+            targets,
+            weights,
+            chunk_len=chunk_len,
+            label_smoothing=smoothing,
+            num_classes=real,
+        )
+
+    for ours, reference in zip(chunked(kernel, hidden), plain(kernel, hidden), strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6)
+    grads = jax.grad(lambda *a: chunked(*a)[0], (0, 1))(kernel, hidden)
+    expected = jax.grad(lambda *a: plain(*a)[0], (0, 1))(kernel, hidden)
+    for ours, reference in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(ours, reference, atol=1e-5)

@@ -1,5 +1,6 @@
 """The jitted, sharded train step: it learns, and every mesh gives the single-device result."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -151,3 +152,50 @@ def test_mesh_errors_name_the_fix():
     with pytest.raises(ConfigError, match="batch_size a multiple of 16"):
         config = tiny_config(grad_accum_steps=2)
         setup_for(config, data=8)
+
+
+@pytest.mark.parametrize("mesh", ["single", "dp2_fsdp2_tp2"])
+def test_chunked_loss_steps_equal_plain_steps(mesh, single_device_result):
+    params_1, losses_1, grads_1 = single_device_result
+    config = equivalence_config()
+    config.model.loss_chunk_len = 5  # 16 positions: chunks of 5, 5, 5 and 1
+    sizes = dict(devices=jax.devices()[:1]) if mesh == "single" else MESHES[mesh]
+    params, losses, grads = one_step(setup_for(config, **sizes))
+    np.testing.assert_allclose(losses, losses_1, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_chunked_loss_of_the_encoder_decoder_equals_the_plain_loss():
+    import dataclasses
+
+    from transformer.config import preset
+    from transformer.tasks import task_for
+
+    cfg = preset("tiny_transformer", tie_embeddings=False)
+    rng = np.random.default_rng(0)
+    b, t = 4, 12
+    batch = {
+        k: jax.numpy.asarray(rng.integers(1, 60, size=(b, t)), jax.numpy.int32)
+        for k in ("src", "tgt_in", "tgt_out", "src_positions", "tgt_positions")
+    }
+    segments = np.ones((b, t), np.int32)
+    segments[0, 7:] = 0  # a padded row: weight 0 from position 7 on
+    batch["src_segment_ids"] = batch["tgt_segment_ids"] = jax.numpy.asarray(segments)
+    batch["src_positions"] = batch["tgt_positions"] = jax.numpy.asarray(
+        np.broadcast_to(np.arange(t), (b, t))
+    )
+    plain = task_for(cfg)
+    chunked = task_for(dataclasses.replace(cfg, loss_chunk_len=5))
+    params = nn.meta.unbox(plain.init(jax.random.key(0))["params"])
+
+    def loss(task, p):
+        return task.loss(p, batch, label_smoothing=0.1, num_classes=50)
+
+    np.testing.assert_allclose(loss(chunked, params), loss(plain, params), rtol=1e-6)
+    ours = jax.grad(lambda p: loss(chunked, p)[0])(params)
+    expected = jax.grad(lambda p: loss(plain, p)[0])(params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

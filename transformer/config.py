@@ -53,6 +53,7 @@ class ModelConfig:
     scan_layers: bool = False  # nn.scan over layers: one compiled layer, stacked parameters
     remat_policy: str = "none"  # rematerialisation: none | full | dots | dots_with_no_batch_dims
     attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn
+    loss_chunk_len: int = 0  # loss over this many positions at a time (no [b,t,v] logits); 0=all
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, message: str) -> None:
@@ -89,6 +90,7 @@ class ModelConfig:
         for field in ("dropout_rate", "attention_dropout_rate"):
             check(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
         check(self.norm_epsilon > 0, "norm_epsilon", "must be positive")
+        check(self.loss_chunk_len >= 0, "loss_chunk_len", "must be >= 0 (0 = no chunks)")
         check(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
         choices = {
             "activation": ACTIVATIONS,

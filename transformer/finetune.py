@@ -19,6 +19,7 @@ RUNTIME_MODEL_FIELDS = (
     "attention_impl",
     "dropout_rate",
     "attention_dropout_rate",
+    "loss_chunk_len",
 )
 
 

@@ -43,7 +43,7 @@ def gpt_init_cache(cfg: ModelConfig, batch: int, length: int, offset: Array) -> 
     tokens = jnp.zeros((batch, length), jnp.int32)
     mask = jnp.ones((batch, 1, length, length), bool)
     shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), tokens, tokens, mask, 0, method=GPT.extend)["cache"]
+        lambda: model.init(jax.random.key(0), tokens, tokens, mask, 0, method=GPT.decode)["cache"]
     )
     kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return {"kv": kv, "index": jnp.zeros((), jnp.int32), "offset": offset.astype(jnp.int32)}
@@ -68,7 +68,7 @@ def gpt_tokens_to_logits(cfg: ModelConfig, params: Any, num_classes: int | None 
             positions,
             mask,
             index,
-            method=GPT.extend,
+            method=GPT.decode,
             mutable=["cache"],
         )
         new_cache = {"kv": variables["cache"], "index": index + t, "offset": offset}

@@ -7,7 +7,7 @@ Segment ids mark padding and packing: 0 is padding, 1, 2, ... number the sequenc
 one row; tokens attend only within their own segment. Without segment ids every token is real.
 Positions default to 0..t-1 and must restart per segment when rows are packed.
 
-Decoding goes through `extend` (GPT) and `decode` (encoder-decoder) with a `cache_index`: the
+Cached decoding goes through `decode` in both models, with a `cache_index`: the
 caller owns the position bookkeeping and passes explicit masks over the cache buffer
 (`transformer.generate` does this for both models).
 """
@@ -68,7 +68,8 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _OutputHead(cfg)
 
-    def _logits(self, x: Array) -> Array:
+    def logits(self, x: Array) -> Array:
+        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
         return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
 
     def __call__(
@@ -78,23 +79,27 @@ class GPT(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> Array:
-        """tokens [b, t] -> logits [b, t, v] (float32)."""
+        """tokens [b, t] -> logits [b, t, v] (float32), or with `return_hidden` the last hidden
+        states [b, t, d] (`logits` projects them; the chunked loss does so a chunk at a time)."""
         _check_length(self.config, tokens.shape[1], "the token sequence")
         positions = default_positions(tokens) if positions is None else positions
         mask = causal_mask(tokens.shape[1])
         if segment_ids is not None:
             mask = mask & segment_mask(segment_ids, segment_ids)
-        x = self.embed(tokens, positions, deterministic)
-        return self._logits(self.decoder(x, mask, deterministic=deterministic))
+        x = self.decoder(
+            self.embed(tokens, positions, deterministic), mask, deterministic=deterministic
+        )
+        return x if return_hidden else self.logits(x)
 
-    def extend(self, tokens: Array, positions: Array, mask: Array, cache_index: Array) -> Array:
-        """Decoding: appends tokens [b, t] at cache slots [cache_index, cache_index + t).
+    def decode(self, tokens: Array, positions: Array, mask: Array, cache_index: Array) -> Array:
+        """Cached decoding: appends tokens [b, t] at cache slots [cache_index, cache_index + t).
 
         mask [b, 1, t, s] covers the whole cache buffer (s slots); returns logits [b, t, v].
         """
         x = self.embed(tokens, positions, True)
-        return self._logits(self.decoder(x, mask, cache_index=cache_index))
+        return self.logits(self.decoder(x, mask, cache_index=cache_index))
 
 
 class EncoderDecoder(nn.Module):
@@ -113,7 +118,8 @@ class EncoderDecoder(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _OutputHead(cfg)
 
-    def _logits(self, x: Array) -> Array:
+    def logits(self, x: Array) -> Array:
+        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
         return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
 
     def encode(
@@ -142,8 +148,10 @@ class EncoderDecoder(nn.Module):
         self_mask: Array | None = None,
         cache_index: Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> Array:
-        """tgt [b, t] (shifted right, starting with BOS) -> logits [b, t, v].
+        """tgt [b, t] (shifted right, starting with BOS) -> logits [b, t, v] (or with
+        `return_hidden` the last hidden states [b, t, d]).
 
         For decoding pass `cache_index`, explicit `tgt_positions` and a `self_mask` over the
         cache buffer; `encoded` may be None once a call has stored the cross-attention keys.
@@ -171,7 +179,7 @@ class EncoderDecoder(nn.Module):
             cross_mask = segment_mask(queries, src_segment_ids)
         x = self.embed(tgt, positions, deterministic)
         x = self.decoder(x, self_mask, encoded, cross_mask, cache_index, deterministic)
-        return self._logits(x)
+        return x if return_hidden else self.logits(x)
 
     def __call__(
         self,
@@ -183,8 +191,10 @@ class EncoderDecoder(nn.Module):
         src_positions: Array | None = None,
         tgt_positions: Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> Array:
-        """Teacher-forced forward pass: src [b, s], tgt_in [b, t] -> logits [b, t, v]."""
+        """Teacher-forced forward pass: src [b, s], tgt_in [b, t] -> logits [b, t, v] (or the
+        last hidden states [b, t, d] with `return_hidden`)."""
         encoded = self.encode(
             src,
             src_segment_ids=src_segment_ids,
@@ -198,4 +208,5 @@ class EncoderDecoder(nn.Module):
             tgt_segment_ids=tgt_segment_ids,
             tgt_positions=tgt_positions,
             deterministic=deterministic,
+            return_hidden=return_hidden,
         )

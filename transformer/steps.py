@@ -1,7 +1,7 @@
 """The pure step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
 
-They see the model only through a `Task` (`task.forward(params, batch, rng=...)` gives logits,
-targets and weights), so one step serves every model. Metrics are sums and token counts, so
+They see the model only through a `Task` (`task.loss(params, batch, rng=...)` gives the loss
+sums of a batch), so one step serves every model. Metrics are sums and token counts, so
 means stay right under padding, gradient accumulation and several hosts.
 """
 
@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from transformer.optim import cross_entropy
 from transformer.tasks import Batch, Task
 
 
@@ -41,9 +40,8 @@ def train_step(
 
     def micro_step(params: Any, micro: Batch, key: jax.Array) -> tuple[Any, jax.Array, ...]:
         def objective(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            logits, targets, weights = task.forward(p, micro, rng=key)
-            loss, nll, count = cross_entropy(
-                logits, targets, weights, label_smoothing=label_smoothing, num_classes=num_classes
+            loss, nll, count = task.loss(
+                p, micro, rng=key, label_smoothing=label_smoothing, num_classes=num_classes
             )
             return loss, (nll, count)
 
@@ -98,6 +96,5 @@ def train_step(
 
 
 def eval_step(params: Any, batch: Batch, *, task: Task, num_classes: int) -> dict[str, jax.Array]:
-    logits, targets, weights = task.forward(params, batch)
-    _, nll, count = cross_entropy(logits, targets, weights, num_classes=num_classes)
+    _, nll, count = task.loss(params, batch, num_classes=num_classes)
     return {"nll_sum": nll, "tokens": count}

@@ -22,6 +22,8 @@ import numpy as np
 
 from transformer.config import ModelConfig
 from transformer.models import GPT, EncoderDecoder
+from transformer.ops.loss import chunked_cross_entropy
+from transformer.optim import cross_entropy
 from transformer.tokenizer import DataError
 
 Batch = dict[str, jax.Array]
@@ -48,10 +50,37 @@ class Task:
         raise NotImplementedError
 
     def forward(
-        self, params: Any, batch: Batch, *, rng: jax.Array | None = None
+        self, params: Any, batch: Batch, *, rng: jax.Array | None = None, hidden: bool = False
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(logits [b, t, v], targets [b, t], weights [b, t]); dropout on when `rng` is given."""
+        """(logits [b, t, v], targets [b, t], weights [b, t]); dropout on when `rng` is given.
+        With `hidden`, the last hidden states [b, t, d] in place of the logits."""
         raise NotImplementedError
+
+    def loss(
+        self,
+        params: Any,
+        batch: Batch,
+        *,
+        rng: jax.Array | None = None,
+        label_smoothing: float = 0.0,
+        num_classes: int | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(smoothed loss sum, nll sum, token count) of a batch. With model.loss_chunk_len the
+        output projection and the loss run a chunk of positions at a time
+        (`ops.chunked_cross_entropy`): the full [b, t, v] float32 logits never exist."""
+        chunk_len = self.model_cfg.loss_chunk_len
+        smoothing = dict(label_smoothing=label_smoothing, num_classes=num_classes)
+        if not chunk_len:
+            logits, targets, weights = self.forward(params, batch, rng=rng)
+            return cross_entropy(logits, targets, weights, **smoothing)
+        hidden, targets, weights = self.forward(params, batch, rng=rng, hidden=True)
+
+        def project(params: Any, h: jax.Array) -> jax.Array:
+            return self.model.apply({"params": params}, h, method="logits")
+
+        return chunked_cross_entropy(
+            project, params, hidden, targets, weights, chunk_len=chunk_len, **smoothing
+        )
 
     def check_data(self, corpus_kind: str, corpus: str) -> None:
         if corpus_kind != self.corpus_kind:
@@ -94,10 +123,10 @@ class LanguageModelTask(Task):
     def init(self, rng: jax.Array) -> dict[str, Any]:
         return self.model.init(rng, jnp.zeros((1, 8), jnp.int32))
 
-    def forward(self, params, batch, *, rng=None):
+    def forward(self, params, batch, *, rng=None, hidden=False):
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = self.model.apply({"params": params}, inputs, **_dropout(rng))
+        logits = self.model.apply({"params": params}, inputs, return_hidden=hidden, **_dropout(rng))
         # Evaluation batches mark the rows that pad out the last batch with mask 0.
         weights = batch["mask"] if "mask" in batch else jnp.ones(targets.shape)
         return logits, targets, weights.astype(jnp.float32)
@@ -148,7 +177,7 @@ class TranslationTask(Task):
         example = jnp.zeros((1, 8), jnp.int32)
         return self.model.init(rng, example, example)
 
-    def forward(self, params, batch, *, rng=None):
+    def forward(self, params, batch, *, rng=None, hidden=False):
         logits = self.model.apply(
             {"params": params},
             batch["src"],
@@ -157,6 +186,7 @@ class TranslationTask(Task):
             tgt_segment_ids=batch["tgt_segment_ids"],
             src_positions=batch["src_positions"],
             tgt_positions=batch["tgt_positions"],
+            return_hidden=hidden,
             **_dropout(rng),
         )
         return logits, batch["tgt_out"], (batch["tgt_segment_ids"] > 0).astype(jnp.float32)
