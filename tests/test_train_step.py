@@ -92,6 +92,16 @@ def one_step(setup):
     return jax.device_get(state.params), losses, grads
 
 
+def assert_same_step(result, reference):
+    """Parameters, losses and gradients of `one_step` equal the reference's to 1e-5."""
+    (params, losses, grads), (params_1, losses_1, grads_1) = result, reference
+    np.testing.assert_allclose(losses, losses_1, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def single_device_result():
     return one_step(setup_for(equivalence_config(), devices=jax.devices()[:1]))
@@ -99,13 +109,9 @@ def single_device_result():
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_steps_equal_single_device(mesh, single_device_result):
-    params_1, losses_1, grads_1 = single_device_result
-    params, losses, grads = one_step(setup_for(equivalence_config(), **MESHES[mesh]))
-    np.testing.assert_allclose(losses, losses_1, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_step(
+        one_step(setup_for(equivalence_config(), **MESHES[mesh])), single_device_result
+    )
 
 
 def test_shards_have_the_promised_sizes():
@@ -156,16 +162,10 @@ def test_mesh_errors_name_the_fix():
 
 @pytest.mark.parametrize("mesh", ["single", "dp2_fsdp2_tp2"])
 def test_chunked_loss_steps_equal_plain_steps(mesh, single_device_result):
-    params_1, losses_1, grads_1 = single_device_result
     config = equivalence_config()
     config.model.loss_chunk_len = 5  # 16 positions: chunks of 5, 5, 5 and 1
     sizes = dict(devices=jax.devices()[:1]) if mesh == "single" else MESHES[mesh]
-    params, losses, grads = one_step(setup_for(config, **sizes))
-    np.testing.assert_allclose(losses, losses_1, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_step(one_step(setup_for(config, **sizes)), single_device_result)
 
 
 def test_chunked_loss_of_the_encoder_decoder_equals_the_plain_loss():
