@@ -8,14 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
-from transformer.layers import (
-    Stack,
-    causal_mask,
-    dot_product_attention,
-    segment_mask,
-    sinusoidal_table,
-)
+from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
+from transformer.layers import Stack, causal_mask, segment_mask, sinusoidal_table
 
 
 def init(model, *args, **kwargs):
@@ -61,7 +55,7 @@ def test_attention_matches_numpy(kind):
         "segment": segment_mask(packed, packed),
         "causal+segment": causal_mask(t) & segment_mask(packed, packed),
     }[kind]
-    out, weights = dot_product_attention(q, k, v, mask)
+    out, weights = ops.dot_product_attention(q, k, v, mask)
     expected_out, expected_weights = numpy_attention(q, k, v, mask)
     np.testing.assert_allclose(out, expected_out, atol=1e-5)
     np.testing.assert_allclose(weights, expected_weights, atol=1e-5)
