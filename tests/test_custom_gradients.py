@@ -157,7 +157,7 @@ def test_layer_norm_value_and_gradient(with_bias, dtype, reference):
 def test_layer_norm_module_equals_flax_layer_norm():
     cfg = preset("tiny_gpt")
     x = random(0, (2, 5, cfg.d_model)) * 2 + 0.5
-    ours = LayerNorm(cfg)
+    ours = LayerNorm(epsilon=cfg.norm_epsilon)
     params = ours.init(jax.random.key(0), x)
     params = jax.tree.map(lambda p: p + random(1, p.shape) * 0.1, nn.meta.unbox(params))
     flax_norm = nn.LayerNorm(epsilon=cfg.norm_epsilon, use_fast_variance=False)

@@ -70,34 +70,42 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 
 class Dense(nn.Module):
-    """x [..., *in] . W [*in, *out] + b [*out]; W's axes carry logical names."""
+    """y = x . W + b, contracting x's last `contract_axes` axes [..., *in] with W [*in, *features]
+    (MaxText's `DenseGeneral`): the input sizes are read from x. W's axes carry logical names."""
 
-    config: ModelConfig
-    in_features: tuple[int, ...]
-    out_features: tuple[int, ...]
-    axes: tuple[str | None, ...]  # logical names of W's axes: in axes, then out axes
-    init: Initializer = nn.initializers.zeros
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]  # logical names of W's axes: input axes, then features
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    contract_axes: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32  # the computation's
+    param_dtype: Any = jnp.float32  # the stored parameters'
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        n_in = len(self.in_features)
-        kernel = self.param(
-            "kernel",
-            with_axes(self.init, *self.axes),
-            (*self.in_features, *self.out_features),
-            cfg.params_dtype,
-        )
-        y = ops.matmul(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
-        if cfg.use_bias:
-            bias = self.param(
-                "bias",
-                with_axes(nn.initializers.zeros, *self.axes[n_in:]),
-                self.out_features,
-                cfg.params_dtype,
+        n_in = self.contract_axes
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = (*x.shape[x.ndim - n_in :], *features)
+        if len(self.kernel_axes) != len(shape):
+            raise ValueError(
+                f"Dense {self.name}: kernel_axes {self.kernel_axes} name {len(self.kernel_axes)} "
+                f"axes but the kernel {shape} has {len(shape)}; give one name per axis"
             )
-            y = y + bias.astype(cfg.compute_dtype)
+        init = with_axes(self.kernel_init, *self.kernel_axes)
+        kernel = self.param("kernel", init, shape, self.param_dtype)  # [*in, *features]
+        y = ops.matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        if self.use_bias:
+            bias_init = with_axes(nn.initializers.zeros, *self.kernel_axes[n_in:])
+            bias = self.param("bias", bias_init, features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
         return y
+
+
+def dense_for(cfg: ModelConfig) -> Callable[..., Dense]:
+    """`Dense` with the model's bias choice and dtypes bound."""
+    return functools.partial(
+        Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -126,13 +134,16 @@ class MultiHeadAttention(nn.Module):
         cache_index: Array | None = None,
     ) -> Array:
         cfg = self.config
-        n, h = cfg.num_heads, cfg.head_dim
-        d = cfg.d_model
+        n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        dense = dense_for(cfg)
         xavier = kernel_init(cfg, d, d)
         if not self.cross:
-            qkv = Dense(cfg, (d,), (3, n, h), ("embed", None, "heads", "kv"), xavier, name="qkv")(
-                x
-            )  # [b, t, 3, n, h]
+            qkv = dense(
+                features=(3, n, h),
+                kernel_axes=("embed", None, "heads", "kv"),
+                kernel_init=xavier,
+                name="qkv",
+            )(x)  # [b, t, 3, n, h]
         if not self.cross and self._fused(cache_index):
             out = ops.self_attention(qkv, mask, self.causal and mask is not None)
         else:
@@ -141,7 +152,12 @@ class MultiHeadAttention(nn.Module):
                 if cache_index is not None:
                     key, value = self._append_to_cache(key, value, cache_index)
             else:
-                query = Dense(cfg, (d,), (n, h), ("embed", "heads", "kv"), xavier, name="query")(x)
+                query = dense(
+                    features=(n, h),
+                    kernel_axes=("embed", "heads", "kv"),
+                    kernel_init=xavier,
+                    name="query",
+                )(x)  # [b, t, n, h]
                 key, value = self._cross_keys_values(memory, cache_index)
             dropout_rng = None
             if not self.deterministic and cfg.attention_dropout_rate > 0:
@@ -157,10 +173,13 @@ class MultiHeadAttention(nn.Module):
             )
             if weights is not None:
                 self.sow("intermediates", "attention_weights", weights)  # for inspection only
-        out_init = kernel_init(cfg, d, d, self.out_scale)
-        return Dense(cfg, (n, h), (d,), ("heads", "kv", "embed"), out_init, name="out")(
-            out
-        )  # [b, t, d]
+        return dense(
+            features=d,
+            kernel_axes=("heads", "kv", "embed"),
+            kernel_init=kernel_init(cfg, d, d, self.out_scale),
+            contract_axes=2,  # n and h
+            name="out",
+        )(out)  # [b, t, d]
 
     def _fused(self, cache_index: Array | None) -> bool:
         """Training and scoring self-attention take `ops.self_attention` (the same result for
@@ -200,12 +219,10 @@ class MultiHeadAttention(nn.Module):
                 self.get_variable("cache", "cross_value"),
             )
         n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
-        kv = Dense(
-            cfg,
-            (d,),
-            (2, n, h),
-            ("embed", None, "heads", "kv"),
-            kernel_init(cfg, d, d),
+        kv = dense_for(cfg)(
+            features=(2, n, h),
+            kernel_axes=("embed", None, "heads", "kv"),
+            kernel_init=kernel_init(cfg, d, d),
             name="key_value",
         )(memory)  # [b, s, 2, n, h]
         key, value = kv[:, :, 0], kv[:, :, 1]
@@ -225,44 +242,47 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         d, f = cfg.d_model, cfg.d_ff
-        x = Dense(cfg, (d,), (f,), ("embed", "mlp"), kernel_init(cfg, d, f), name="wi")(x)
-        # GPT-2 uses the tanh approximation of GELU; jax.nn.gelu's default is that one.
+        dense = dense_for(cfg)
+        x = dense(
+            features=f, kernel_axes=("embed", "mlp"), kernel_init=kernel_init(cfg, d, f), name="wi"
+        )(x)  # [b, t, f]
+        # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
         x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
         wo_init = kernel_init(cfg, f, d, self.out_scale)
-        return Dense(cfg, (f,), (d,), ("mlp", "embed"), wo_init, name="wo")(x)  # [b, t, d]
+        return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(
+            x
+        )  # [b, t, d]
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with a hand-written backward pass; the same parameters
-    (`scale`, `bias`) and numerics as `flax.linen.LayerNorm(use_fast_variance=False)`."""
+    """LayerNorm over the last axis with a hand-written backward pass (`ops.layer_norm`); the
+    same parameters (`scale`, `bias`) and numerics as `nn.LayerNorm(use_fast_variance=False)`."""
 
-    config: ModelConfig
+    epsilon: float = 1e-6
+    use_bias: bool = True
+    dtype: Any = jnp.float32  # the output's
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.config
         d = x.shape[-1]
-        scale = self.param(
-            "scale", with_axes(nn.initializers.ones, "embed"), (d,), cfg.params_dtype
-        )
-        bias = None
-        if cfg.use_bias:
-            bias = self.param(
-                "bias", with_axes(nn.initializers.zeros, "embed"), (d,), cfg.params_dtype
-            )
-        return ops.layer_norm(x, scale, bias, cfg.norm_epsilon).astype(cfg.compute_dtype)
+        scale = self.param("scale", self.scale_init, (d,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
+        return ops.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The configured norm over d_model, its parameters named on the `embed` axis."""
+    numerics = dict(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    scale_init = with_axes(nn.initializers.ones, "embed")
     if cfg.norm_type == "rmsnorm":
-        return nn.RMSNorm(
-            epsilon=cfg.norm_epsilon,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            scale_init=with_axes(nn.initializers.ones, "embed"),
-            name=name,
-        )
-    return LayerNorm(cfg, name=name)
+        return nn.RMSNorm(**numerics, scale_init=scale_init, name=name)
+    bias_init = with_axes(nn.initializers.zeros, "embed")
+    return LayerNorm(
+        **numerics, use_bias=cfg.use_bias, scale_init=scale_init, bias_init=bias_init, name=name
+    )
 
 
 # ---------------------------------------------------------------------------------------------
