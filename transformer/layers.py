@@ -5,7 +5,9 @@ Shape legend used in comments throughout the package:
   f feed-forward hidden width, v vocabulary, l layers.
 
 Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `layers`);
-`transformer.sharding` maps them onto a device mesh with one small rules table.
+activations are constrained under names of their own (`activation_batch`, `activation_embed`,
+...) at block and embedding outputs, on the attention projections and on the FFN hidden units.
+`transformer.sharding` maps both onto a device mesh with one small rules table.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from transformer.config import ModelConfig
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+
+# Logical names of activation axes (`transformer.sharding` maps them), by shape.
+_RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # [b, t, d]
+_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+# [b, t, 3, n, h] (or [b, s, 2, n, h]): the projections that share one fused kernel
+_FUSED_HEADS = ("activation_batch", "activation_length", None, "activation_heads", "activation_kv")
+_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [b, t, f]
 
 
 def with_axes(init: Initializer, *axes: str | None) -> Initializer:
@@ -143,7 +153,8 @@ class MultiHeadAttention(nn.Module):
                 kernel_axes=("embed", None, "heads", "kv"),
                 kernel_init=xavier,
                 name="qkv",
-            )(x)  # [b, t, 3, n, h]
+            )(x)
+            qkv = nn.with_logical_constraint(qkv, _FUSED_HEADS)  # [b, t, 3, n, h]
         if not self.cross and self._fused(cache_index):
             out = ops.self_attention(qkv, mask, self.causal and mask is not None)
         else:
@@ -157,7 +168,8 @@ class MultiHeadAttention(nn.Module):
                     kernel_axes=("embed", "heads", "kv"),
                     kernel_init=xavier,
                     name="query",
-                )(x)  # [b, t, n, h]
+                )(x)
+                query = nn.with_logical_constraint(query, _HEADS)  # [b, t, n, h]
                 key, value = self._cross_keys_values(memory, cache_index)
             dropout_rng = None
             if not self.deterministic and cfg.attention_dropout_rate > 0:
@@ -224,7 +236,8 @@ class MultiHeadAttention(nn.Module):
             kernel_axes=("embed", None, "heads", "kv"),
             kernel_init=kernel_init(cfg, d, d),
             name="key_value",
-        )(memory)  # [b, s, 2, n, h]
+        )(memory)
+        kv = nn.with_logical_constraint(kv, _FUSED_HEADS)  # [b, s, 2, n, h]
         key, value = kv[:, :, 0], kv[:, :, 1]
         if cache_index is not None:  # computed once per source sentence, reused every step
             self.put_variable("cache", "cross_key", key)
@@ -248,6 +261,7 @@ class FeedForward(nn.Module):
         )(x)  # [b, t, f]
         # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
         x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
+        x = nn.with_logical_constraint(x, _HIDDEN)  # split over hidden units under TP
         wo_init = kernel_init(cfg, f, d, self.out_scale)
         return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(
             x
@@ -341,7 +355,7 @@ class TransformerBlock(nn.Module):
                 "norm_cross_attention",
             )
         x = residual(x, FeedForward(cfg, out_scale=self.out_scale, name="mlp"), "norm_mlp")
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, _RESIDUAL)
         return (x, None) if self.scanned else x
 
 
@@ -459,7 +473,7 @@ class Embed(nn.Module):
         else:
             x = x + jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[positions]
         x = self.dropout(x, deterministic=deterministic)
-        return nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x.astype(cfg.compute_dtype), _RESIDUAL)
 
     def attend(self, x: Array) -> Array:
         """Logits x E^T, accumulated and returned in float32."""
