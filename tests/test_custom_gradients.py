@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transformer import ops, preset
-from transformer.layers import LayerNorm, causal_mask, combine_masks, segment_mask
+from transformer.layers import LayerNorm, causal_mask, segment_mask
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 REFERENCE = pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
@@ -48,10 +48,10 @@ def masks(t):
     return {
         "none": None,
         "causal": causal_mask(t),
-        "causal+segment": combine_masks(causal_mask(t), segment_mask(ids, ids)),
+        "causal+segment": causal_mask(t) & segment_mask(ids, ids),
         "padding": segment_mask(ids, ids),  # padded queries see nothing: fully masked rows
         # Padding from early on: fully masked rows in the first half of the queries too.
-        "causal+early padding": combine_masks(causal_mask(t), segment_mask(short, short)),
+        "causal+early padding": causal_mask(t) & segment_mask(short, short),
     }
 
 

@@ -70,11 +70,6 @@ def segment_mask(query_segments: Array, key_segments: Array) -> Array:
     return same & (key_segments[:, None, None, :] > 0)  # [b, 1, t, s]
 
 
-def combine_masks(*masks: Array | None) -> Array | None:
-    present = [m for m in masks if m is not None]
-    return functools.reduce(jnp.logical_and, present) if present else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Sublayers: projections, attention, feed-forward, norms. Their kernels are in `transformer.ops`.
 
@@ -147,7 +142,17 @@ class MultiHeadAttention(nn.Module):
         n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
         dense = dense_for(cfg)
         xavier = kernel_init(cfg, d, d)
-        if not self.cross:
+        if self.cross:
+            query = dense(
+                features=(n, h),
+                kernel_axes=("embed", "heads", "kv"),
+                kernel_init=xavier,
+                name="query",
+            )(x)
+            query = nn.with_logical_constraint(query, _HEADS)  # [b, t, n, h]
+            key, value = self._cross_keys_values(memory, cache_index)
+            out = self._dot_product_attention(query, key, value, mask)
+        else:
             qkv = dense(
                 features=(3, n, h),
                 kernel_axes=("embed", None, "heads", "kv"),
@@ -155,36 +160,13 @@ class MultiHeadAttention(nn.Module):
                 name="qkv",
             )(x)
             qkv = nn.with_logical_constraint(qkv, _FUSED_HEADS)  # [b, t, 3, n, h]
-        if not self.cross and self._fused(cache_index):
-            out = ops.self_attention(qkv, mask, self.causal and mask is not None)
-        else:
-            if not self.cross:
+            if self._use_fused_self_attention(cache_index):
+                out = ops.self_attention(qkv, mask, self.causal and mask is not None)
+            else:
                 query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
                 if cache_index is not None:
                     key, value = self._append_to_cache(key, value, cache_index)
-            else:
-                query = dense(
-                    features=(n, h),
-                    kernel_axes=("embed", "heads", "kv"),
-                    kernel_init=xavier,
-                    name="query",
-                )(x)
-                query = nn.with_logical_constraint(query, _HEADS)  # [b, t, n, h]
-                key, value = self._cross_keys_values(memory, cache_index)
-            dropout_rng = None
-            if not self.deterministic and cfg.attention_dropout_rate > 0:
-                dropout_rng = self.make_rng("dropout")
-            out, weights = ops.dot_product_attention(
-                query,
-                key,
-                value,
-                mask,
-                dropout_rate=cfg.attention_dropout_rate,
-                dropout_rng=dropout_rng,
-                impl=cfg.attention_impl,
-            )
-            if weights is not None:
-                self.sow("intermediates", "attention_weights", weights)  # for inspection only
+                out = self._dot_product_attention(query, key, value, mask)
         return dense(
             features=d,
             kernel_axes=("heads", "kv", "embed"),
@@ -193,10 +175,15 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )(out)  # [b, t, d]
 
-    def _fused(self, cache_index: Array | None) -> bool:
-        """Training and scoring self-attention take `ops.self_attention` (the same result for
-        every query that sees a key, and a faster backward pass); decoding, dropout on the
-        weights, inspecting them, or the fused `jax.nn` kernels take `ops.dot_product_attention`."""
+    def _use_fused_self_attention(self, cache_index: Array | None) -> bool:
+        """Training and scoring take `ops.self_attention` (the same result for every query
+        that sees a key, and a faster backward pass). The plain `ops.dot_product_attention`
+        takes the rest: decoding into the cache, dropout on the weights, the `jax.nn` kernels
+        (`attention_impl` 'xla' or 'cudnn'), and a caller who wants the weights.
+
+        A caller asks for the weights the Flax way, `apply(..., mutable=['intermediates'])`, and
+        the layer reads that from its scope: the fused op never forms the weights, and a module
+        field would make inspecting a trained model need a different config."""
         cfg = self.config
         return (
             cache_index is None
@@ -204,6 +191,28 @@ class MultiHeadAttention(nn.Module):
             and (self.deterministic or cfg.attention_dropout_rate == 0)
             and not self.is_mutable_collection("intermediates")
         )
+
+    def _dot_product_attention(
+        self, query: Array, key: Array, value: Array, mask: Array | None
+    ) -> Array:
+        """[b, t, n, h] from queries [b, t, n, h] over keys and values [b, s, n, h], with dropout
+        on the weights in training; the weights are sown as 'attention_weights'."""
+        cfg = self.config
+        dropout_rng = None
+        if not self.deterministic and cfg.attention_dropout_rate > 0:
+            dropout_rng = self.make_rng("dropout")
+        out, weights = ops.dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            dropout_rate=cfg.attention_dropout_rate,
+            dropout_rng=dropout_rng,
+            impl=cfg.attention_impl,
+        )
+        if weights is not None:  # 'einsum' only; kept only if 'intermediates' is mutable
+            self.sow("intermediates", "attention_weights", weights)
+        return out
 
     def _append_to_cache(self, key: Array, value: Array, index: Array) -> tuple[Array, Array]:
         # At cache creation the input spans the whole buffer, so its shape is the buffer's.
