@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
-from transformer.layers import Stack, causal_mask, segment_mask, sinusoidal_table
+from transformer.embeddings import sinusoidal_table
+from transformer.layers import Stack, causal_mask, segment_mask
 
 
 def init(model, *args, **kwargs):

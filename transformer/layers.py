@@ -28,12 +28,13 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 
-# Logical names of activation axes (`transformer.sharding` maps them), by shape.
-_RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # [b, t, d]
-_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-# [b, t, 3, n, h] (or [b, s, 2, n, h]): the projections that share one fused kernel
-_FUSED_HEADS = ("activation_batch", "activation_length", None, "activation_heads", "activation_kv")
-_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [b, t, f]
+# Logical names of activation axes (`transformer.sharding` maps them), by shape: the residual
+# stream [b, t, d], queries [b, t, n, h], fused projections [b, t, 3, n, h] (keys and values
+# [b, s, 2, n, h]) and FFN hidden units [b, t, f].
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+QKV_AXES = ("activation_batch", "activation_length", None, "activation_heads", "activation_kv")
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
 def with_axes(init: Initializer, *axes: str | None) -> Initializer:
@@ -149,7 +150,7 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=xavier,
                 name="query",
             )(x)
-            query = nn.with_logical_constraint(query, _HEADS)  # [b, t, n, h]
+            query = nn.with_logical_constraint(query, HEADS_AXES)  # [b, t, n, h]
             key, value = self._cross_keys_values(memory, cache_index)
             out = self._dot_product_attention(query, key, value, mask)
         else:
@@ -159,7 +160,7 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=xavier,
                 name="qkv",
             )(x)
-            qkv = nn.with_logical_constraint(qkv, _FUSED_HEADS)  # [b, t, 3, n, h]
+            qkv = nn.with_logical_constraint(qkv, QKV_AXES)  # [b, t, 3, n, h]
             if self._use_fused_self_attention(cache_index):
                 out = ops.self_attention(qkv, mask, self.causal and mask is not None)
             else:
@@ -246,7 +247,7 @@ class MultiHeadAttention(nn.Module):
             kernel_init=kernel_init(cfg, d, d),
             name="key_value",
         )(memory)
-        kv = nn.with_logical_constraint(kv, _FUSED_HEADS)  # [b, s, 2, n, h]
+        kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, s, 2, n, h]
         key, value = kv[:, :, 0], kv[:, :, 1]
         if cache_index is not None:  # computed once per source sentence, reused every step
             self.put_variable("cache", "cross_key", key)
@@ -265,16 +266,12 @@ class FeedForward(nn.Module):
         cfg = self.config
         d, f = cfg.d_model, cfg.d_ff
         dense = dense_for(cfg)
-        x = dense(
-            features=f, kernel_axes=("embed", "mlp"), kernel_init=kernel_init(cfg, d, f), name="wi"
-        )(x)  # [b, t, f]
+        wi_init, wo_init = kernel_init(cfg, d, f), kernel_init(cfg, f, d, self.out_scale)
+        x = dense(features=f, kernel_axes=("embed", "mlp"), kernel_init=wi_init, name="wi")(x)
         # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
         x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
-        x = nn.with_logical_constraint(x, _HIDDEN)  # split over hidden units under TP
-        wo_init = kernel_init(cfg, f, d, self.out_scale)
-        return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(
-            x
-        )  # [b, t, d]
+        x = nn.with_logical_constraint(x, HIDDEN_AXES)  # [b, t, f], split over f under TP
+        return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(x)
 
 
 class LayerNorm(nn.Module):
@@ -364,7 +361,7 @@ class TransformerBlock(nn.Module):
                 "norm_cross_attention",
             )
         x = residual(x, FeedForward(cfg, out_scale=self.out_scale, name="mlp"), "norm_mlp")
-        x = nn.with_logical_constraint(x, _RESIDUAL)
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return (x, None) if self.scanned else x
 
 
@@ -427,64 +424,3 @@ class Stack(nn.Module):
         if cfg.norm_position == "pre":
             x = make_norm(cfg, "final_norm")(x)
         return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Embeddings.
-
-
-def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (sec. 3.5)."""
-    position = np.arange(max_len, dtype=np.float64)[:, None]
-    inv_freq = np.exp(-np.log(10000.0) * np.arange(0, d_model, 2) / d_model)
-    table = np.zeros((max_len, d_model), dtype=np.float64)
-    table[:, 0::2] = np.sin(position * inv_freq)
-    table[:, 1::2] = np.cos(position * inv_freq)
-    return table.astype(np.float32)
-
-
-class Embed(nn.Module):
-    """Token embedding (x sqrt(d_model) in the paper, sec. 3.4) plus positions, then dropout;
-    `attend` is the tied pre-softmax projection that reuses the same matrix (sec. 3.4)."""
-
-    config: ModelConfig
-
-    def setup(self) -> None:
-        cfg = self.config
-        std = cfg.init_std if cfg.init_std > 0 else cfg.d_model**-0.5
-        self.token_embedding = self.param(
-            "token_embedding",
-            with_axes(nn.initializers.normal(std), "vocab", "embed"),
-            (cfg.vocab_size, cfg.d_model),
-            cfg.params_dtype,
-        )
-        if cfg.positions == "learned":
-            self.position_embedding = self.param(
-                "position_embedding",
-                with_axes(nn.initializers.normal(cfg.init_std or 0.02), None, "embed"),
-                (cfg.max_len, cfg.d_model),
-                cfg.params_dtype,
-            )
-        self.dropout = nn.Dropout(cfg.dropout_rate)
-
-    def __call__(self, tokens: Array, positions: Array, deterministic: bool = True) -> Array:
-        cfg = self.config
-        # The tables whole along d_model (under FSDP, gathered as any weight is before use): a
-        # lookup into a table split along d_model gives rows split along d_model, which the
-        # partitioner cannot turn into the batch-split activations without replicating them.
-        table = nn.with_logical_constraint(self.token_embedding, ("vocab", None))
-        x = jnp.take(table, tokens, axis=0)  # [b, t, d]
-        if cfg.scale_embeddings:
-            x = x * np.sqrt(cfg.d_model)
-        if cfg.positions == "learned":
-            table = nn.with_logical_constraint(self.position_embedding, (None, None))
-            x = x + jnp.take(table, positions, axis=0)
-        else:
-            x = x + jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[positions]
-        x = self.dropout(x, deterministic=deterministic)
-        return nn.with_logical_constraint(x.astype(cfg.compute_dtype), _RESIDUAL)
-
-    def attend(self, x: Array) -> Array:
-        """Logits x E^T, accumulated and returned in float32."""
-        embedding = self.token_embedding.astype(self.config.compute_dtype)
-        return jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer.config import ModelConfig
-from transformer.layers import Embed, Stack, causal_mask, segment_mask, with_axes
+from transformer.embeddings import Embed
+from transformer.layers import Stack, causal_mask, segment_mask, with_axes
 
 Array = jax.Array
 
