@@ -25,15 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import hostmem
-from transformer.layers import (
-    _gelu,
-    _layer_norm,
-    _matmul,
-    _query_blocks,
-    _self_attention,
-    causal_mask,
-)
+from transformer import hostmem, ops
+from transformer.layers import causal_mask
 from transformer.metrics import measure_matmul_flops
 
 
@@ -85,20 +78,20 @@ def parts(args: argparse.Namespace) -> list[tuple[str, Any, float, tuple[Any, ..
     mask = causal_mask(t)
     # The products attention really computes: with the causal split, 3/4 of the t x t scores.
     attention_flops = sum(4 * b * n * (end - start) * keys * h for start, end, keys in
-                          _query_blocks(t, causal=True))  # fmt: skip
+                          ops.query_blocks(t, causal=True))  # fmt: skip
     return [
-        ("qkv projection", lambda x, w: _matmul(x, w, 1), rows * d * 3 * d,
+        ("qkv projection", lambda x, w: ops.matmul(x, w, 1), rows * d * 3 * d,
          (normal(b, t, d), normal(d, 3, n, h))),
-        ("attention", lambda qkv: _self_attention(qkv, mask, True), attention_flops,
+        ("attention", lambda qkv: ops.self_attention(qkv, mask, True), attention_flops,
          (normal(b, t, 3, n, h),)),
-        ("output projection", lambda x, w: _matmul(x, w, 2), rows * d * d,
+        ("output projection", lambda x, w: ops.matmul(x, w, 2), rows * d * d,
          (normal(b, t, n, h), normal(n, h, d))),
-        ("feed-forward in", lambda x, w: _matmul(x, w, 1), rows * d * f,
+        ("feed-forward in", lambda x, w: ops.matmul(x, w, 1), rows * d * f,
          (normal(b, t, d), normal(d, f))),
-        ("GELU", _gelu, 0, (normal(b, t, f),)),
-        ("feed-forward out", lambda x, w: _matmul(x, w, 1), rows * f * d,
+        ("GELU", ops.gelu, 0, (normal(b, t, f),)),
+        ("feed-forward out", lambda x, w: ops.matmul(x, w, 1), rows * f * d,
          (normal(b, t, f), normal(f, d))),
-        ("2 x LayerNorm", lambda x, scale, bias: _layer_norm(x, scale, bias, 1e-5), 0,
+        ("2 x LayerNorm", lambda x, scale, bias: ops.layer_norm(x, scale, bias, 1e-5), 0,
          (normal(b, t, d), normal(d), normal(d))),
     ]  # fmt: skip
 

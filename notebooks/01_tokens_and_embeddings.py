@@ -46,8 +46,8 @@ from IPython.display import Markdown, display
 from transformer import ModelConfig
 from transformer.config import padded_vocab_size
 from transformer.corpora import load_shakespeare
+from transformer.embeddings import Embed, sinusoidal_table
 from transformer.inference import load_run
-from transformer.layers import Embed, sinusoidal_table
 from transformer.tokenizer import Tokenizer
 from transformer.trainer import train_and_evaluate
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from transformer import GPT, ModelConfig
 from transformer.inference import load_run
-from transformer.layers import MultiHeadAttention, causal_mask, combine_masks, segment_mask
+from transformer.layers import MultiHeadAttention, causal_mask, segment_mask
 from transformer.trainer import train_and_evaluate
 
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())
@@ -164,7 +164,7 @@ panels = {
     "causal": causal_mask(8),
     "padding": segment_mask(padded, padded),
     "packed segments": segment_mask(packed, packed),
-    "packed + causal": combine_masks(segment_mask(packed, packed), causal_mask(8)),
+    "packed + causal": segment_mask(packed, packed) & causal_mask(8),
 }
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
 for ax, (title, m) in zip(axes, panels.items(), strict=True):

@@ -1,5 +1,7 @@
-"""The hand-written backward passes in transformer/layers.py against autodiff of the plain
-formulas they replace: values and gradients, with every kind of mask, in float32 and bfloat16."""
+"""The hand-written backward passes in transformer/ops against autodiff of the plain formulas they
+replace: values and gradients, with every kind of mask, in float32 and bfloat16. Each op's
+`*_reference` twin (what a platform without the hand-written kernels would run) takes the same
+checks."""
 
 import flax.linen as nn
 import jax
@@ -7,19 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import preset
-from transformer.layers import (
-    LayerNorm,
-    _gelu,
-    _layer_norm,
-    _matmul,
-    _self_attention,
-    causal_mask,
-    combine_masks,
-    segment_mask,
-)
+from transformer import ops, preset
+from transformer.layers import LayerNorm, causal_mask, segment_mask
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+REFERENCE = pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
 
 
 def assert_close(actual, expected, dtype):
@@ -34,7 +28,7 @@ def random(key, shape, dtype=jnp.float32):
 
 def reference_attention(qkv, mask):
     """softmax(Q K^T / sqrt(d_k)) V (sec. 3.2.1) written plainly, float32 softmax; masked scores
-    take the most negative float32, as in `dot_product_attention`."""
+    take the most negative float32, as in `ops.dot_product_attention`."""
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(q.shape[-1])
@@ -54,10 +48,10 @@ def masks(t):
     return {
         "none": None,
         "causal": causal_mask(t),
-        "causal+segment": combine_masks(causal_mask(t), segment_mask(ids, ids)),
+        "causal+segment": causal_mask(t) & segment_mask(ids, ids),
         "padding": segment_mask(ids, ids),  # padded queries see nothing: fully masked rows
         # Padding from early on: fully masked rows in the first half of the queries too.
-        "causal+early padding": combine_masks(causal_mask(t), segment_mask(short, short)),
+        "causal+early padding": causal_mask(t) & segment_mask(short, short),
     }
 
 
@@ -71,9 +65,10 @@ CASES = [  # (mask, causal, length): `causal` skips the masked block, from lengt
 ]
 
 
+@REFERENCE
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("kind, causal, t", CASES)
-def test_self_attention_value_and_gradient(kind, causal, t, dtype):
+def test_self_attention_value_and_gradient(kind, causal, t, dtype, reference):
     b, n, h = 2, 3, 8
     mask = masks(t)[kind]
     qkv = random(0, (b, t, 3, n, h), dtype)
@@ -84,7 +79,8 @@ def test_self_attention_value_and_gradient(kind, causal, t, dtype):
     cotangent = jnp.where(sees, random(1, (b, t, n, h), dtype), 0)
 
     def ours(qkv, mask):
-        return _self_attention(qkv, mask, causal)
+        op = ops.self_attention_reference if reference else ops.self_attention
+        return op(qkv, mask, causal)
 
     def loss(f, qkv):
         return jnp.sum(f(qkv, mask).astype(jnp.float32) * cotangent.astype(jnp.float32))
@@ -104,9 +100,11 @@ def test_self_attention_value_and_gradient(kind, causal, t, dtype):
         np.testing.assert_array_equal(np.asarray(grad, np.float32)[padded][:, 0], 0.0)
 
 
+@REFERENCE
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shapes", [((2, 5, 16), (16, 3, 4, 8), 1), ((2, 5, 4, 8), (4, 8, 16), 2)])
-def test_matmul_value_and_gradient(shapes, dtype):
+def test_matmul_value_and_gradient(shapes, dtype, reference):
+    matmul = ops.matmul_reference if reference else ops.matmul
     x_shape, w_shape, n_in = shapes
     x, w = random(0, x_shape, dtype), random(1, w_shape, dtype)
     letters = "abcdefgh"
@@ -118,23 +116,25 @@ def test_matmul_value_and_gradient(shapes, dtype):
     def loss(f, x, w):
         return jnp.sum(f(x, w).astype(jnp.float32) * cotangent)
 
-    assert_close(_matmul(x, w, n_in), jnp.einsum(spec, x, w), dtype)
-    ours = jax.grad(lambda x, w: loss(lambda a, b: _matmul(a, b, n_in), x, w), (0, 1))(x, w)
+    assert_close(matmul(x, w, n_in), jnp.einsum(spec, x, w), dtype)
+    ours = jax.grad(lambda x, w: loss(lambda a, b: matmul(a, b, n_in), x, w), (0, 1))(x, w)
     expected = jax.grad(lambda x, w: loss(lambda a, b: jnp.einsum(spec, a, b), x, w), (0, 1))(x, w)
     for a, e in zip(ours, expected, strict=True):
         assert a.dtype == dtype and a.shape == e.shape
         assert_close(a, e, dtype)
 
 
+@REFERENCE
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_layer_norm_value_and_gradient(with_bias, dtype):
+def test_layer_norm_value_and_gradient(with_bias, dtype, reference):
+    layer_norm = ops.layer_norm_reference if reference else ops.layer_norm
     x = random(0, (3, 7, 32), dtype) * 3 + 1
     scale = random(1, (32,)) * 0.5 + 1
     bias = random(2, (32,)) if with_bias else None
     cotangent = random(3, x.shape)
 
-    def reference(x, scale, bias):
+    def formula(x, scale, bias):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -145,10 +145,10 @@ def test_layer_norm_value_and_gradient(with_bias, dtype):
         return jnp.sum(f(*args).astype(jnp.float32) * cotangent)
 
     args = (x, scale, bias)
-    assert_close(_layer_norm(x, scale, bias, 1e-6), reference(*args), dtype)
+    assert_close(layer_norm(x, scale, bias, 1e-6), formula(*args), dtype)
     argnums = (0, 1, 2) if with_bias else (0, 1)
-    ours = jax.grad(lambda *a: loss(lambda *b: _layer_norm(*b, 1e-6), *a), argnums)(*args)
-    expected = jax.grad(lambda *a: loss(reference, *a), argnums)(*args)
+    ours = jax.grad(lambda *a: loss(lambda *b: layer_norm(*b, 1e-6), *a), argnums)(*args)
+    expected = jax.grad(lambda *a: loss(formula, *a), argnums)(*args)
     for a, e in zip(ours, expected, strict=True):
         assert a.dtype == e.dtype
         assert_close(a, e, dtype)
@@ -157,7 +157,7 @@ def test_layer_norm_value_and_gradient(with_bias, dtype):
 def test_layer_norm_module_equals_flax_layer_norm():
     cfg = preset("tiny_gpt")
     x = random(0, (2, 5, cfg.d_model)) * 2 + 0.5
-    ours = LayerNorm(cfg)
+    ours = LayerNorm(epsilon=cfg.norm_epsilon)
     params = ours.init(jax.random.key(0), x)
     params = jax.tree.map(lambda p: p + random(1, p.shape) * 0.1, nn.meta.unbox(params))
     flax_norm = nn.LayerNorm(epsilon=cfg.norm_epsilon, use_fast_variance=False)
@@ -172,16 +172,18 @@ def test_layer_norm_module_equals_flax_layer_norm():
     jax.tree.map(lambda a, e: assert_close(a, e, jnp.float32), ours_grad, flax_grad)
 
 
+@REFERENCE
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_gelu_value_and_gradient(dtype):
+def test_gelu_value_and_gradient(dtype, reference):
+    gelu = ops.gelu_reference if reference else ops.gelu
     u = jnp.linspace(-8, 8, 1001).astype(dtype)
 
-    def reference(u):  # tanh approximation, Hendrycks & Gimpel (2016), as in GPT-2
+    def formula(u):  # tanh approximation, Hendrycks & Gimpel (2016), as in GPT-2
         u = u.astype(jnp.float32)
         return 0.5 * u * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
 
-    assert_close(_gelu(u), reference(u), dtype)
-    ours = jax.grad(lambda u: jnp.sum(_gelu(u).astype(jnp.float32)))(u)
-    expected = jax.grad(lambda u: jnp.sum(reference(u)))(u)
+    assert_close(gelu(u), formula(u), dtype)
+    ours = jax.grad(lambda u: jnp.sum(gelu(u).astype(jnp.float32)))(u)
+    expected = jax.grad(lambda u: jnp.sum(formula(u)))(u)
     assert ours.dtype == dtype
     assert_close(ours, expected, dtype)

@@ -8,14 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
-from transformer.layers import (
-    Stack,
-    causal_mask,
-    dot_product_attention,
-    segment_mask,
-    sinusoidal_table,
-)
+from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
+from transformer.embeddings import sinusoidal_table
+from transformer.layers import Dense, Stack, causal_mask, segment_mask
 
 
 def init(model, *args, **kwargs):
@@ -61,7 +56,7 @@ def test_attention_matches_numpy(kind):
         "segment": segment_mask(packed, packed),
         "causal+segment": causal_mask(t) & segment_mask(packed, packed),
     }[kind]
-    out, weights = dot_product_attention(q, k, v, mask)
+    out, weights = ops.dot_product_attention(q, k, v, mask)
     expected_out, expected_weights = numpy_attention(q, k, v, mask)
     np.testing.assert_allclose(out, expected_out, atol=1e-5)
     np.testing.assert_allclose(weights, expected_weights, atol=1e-5)
@@ -298,6 +293,20 @@ def test_parameter_names_are_stable():
     ]
     assert "embed/token_embedding" in names and not any("final_norm" in p for p in names)
     assert len([p for p in names if p.startswith("encoder/layers_0/")]) == 12
+
+
+def test_dense_reads_its_input_sizes_and_names_every_kernel_axis():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))  # [b, t, n, h]
+    dense = Dense(features=6, kernel_axes=("heads", "kv", "embed"), contract_axes=2)
+    boxed = dense.init(jax.random.key(1), x)["params"]
+    assert boxed["kernel"].value.shape == (4, 8, 6)
+    assert boxed["kernel"].names == ("heads", "kv", "embed") and boxed["bias"].names == ("embed",)
+    params = nn.meta.unbox(boxed)
+    params["bias"] = jnp.arange(6.0)
+    expected = jnp.einsum("btnh,nhd->btd", x, params["kernel"]) + params["bias"]
+    np.testing.assert_allclose(dense.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one name per axis"):
+        Dense(features=6, kernel_axes=("embed", "mlp"), contract_axes=2).init(jax.random.key(1), x)
 
 
 def test_every_parameter_has_logical_axes():

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer.config import ModelConfig
-from transformer.layers import Embed, Stack, causal_mask, segment_mask, with_axes
+from transformer.embeddings import Embed
+from transformer.layers import Stack, causal_mask, segment_mask, with_axes
 
 Array = jax.Array
 
@@ -54,23 +55,31 @@ class _OutputHead(nn.Module):
         )
 
 
-class GPT(nn.Module):
-    """Decoder-only Transformer (GPT-2): a causal decoder stack without cross-attention."""
+class _LanguageModel(nn.Module):
+    """What both models share: the token embedding and the pre-softmax projection, which is the
+    embedding matrix transposed when tied (sec. 3.4) and an `lm_head` of its own otherwise."""
 
     config: ModelConfig
+
+    def _setup_embeddings(self) -> None:
+        self.embed = Embed(self.config)
+        if not self.config.tie_embeddings:
+            self.lm_head = _OutputHead(self.config)
+
+    def logits(self, x: Array) -> Array:
+        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
+        return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+
+
+class GPT(_LanguageModel):
+    """Decoder-only Transformer (GPT-2): a causal decoder stack without cross-attention."""
 
     def setup(self) -> None:
         cfg = self.config
         if not cfg.is_decoder_only:
             raise ValueError("GPT needs model.num_encoder_layers=0; use EncoderDecoder otherwise")
-        self.embed = Embed(cfg)
+        self._setup_embeddings()
         self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True)
-        if not cfg.tie_embeddings:
-            self.lm_head = _OutputHead(cfg)
-
-    def logits(self, x: Array) -> Array:
-        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
-        return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
 
     def __call__(
         self,
@@ -102,25 +111,17 @@ class GPT(nn.Module):
         return self.logits(self.decoder(x, mask, cache_index=cache_index))
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(_LanguageModel):
     """The paper's model (Figure 1): encoder, decoder with masked self-attention and
     cross-attention, one embedding shared by source, target and the output projection."""
-
-    config: ModelConfig
 
     def setup(self) -> None:
         cfg = self.config
         if cfg.is_decoder_only:
             raise ValueError("EncoderDecoder needs model.num_encoder_layers > 0; use GPT otherwise")
-        self.embed = Embed(cfg)
+        self._setup_embeddings()
         self.encoder = Stack(cfg, cfg.num_encoder_layers)
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, causal=True)
-        if not cfg.tie_embeddings:
-            self.lm_head = _OutputHead(cfg)
-
-    def logits(self, x: Array) -> Array:
-        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
-        return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
 
     def encode(
         self,

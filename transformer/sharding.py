@@ -24,18 +24,25 @@ from transformer.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axis. Flax resolves each array's axes left to right and skips a mesh axis
-# already used by that array, so activations [batch, length, embed] shard the batch over
-# data x fsdp while a kernel [embed, heads, kv] shards embed over fsdp and heads over tensor.
+# Logical axis -> mesh axis. Parameters and activations have separate names: a kernel
+# [embed, heads, kv] is split along embed over fsdp (FSDP) and along heads over tensor (TP),
+# while an activation [activation_batch, activation_length, activation_embed] is split along its
+# batch over data x fsdp and kept whole along d_model.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    # Parameters.
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
-    ("length", None),
     ("layers", None),
+    # Activations: heads and FFN hidden units split as their kernels are (Megatron TP).
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
 )
 
 
