@@ -22,7 +22,7 @@ import numpy as np
 
 from transformer.config import ModelConfig
 from transformer.models import GPT, EncoderDecoder
-from transformer.ops.loss import chunked_cross_entropy
+from transformer.ops import chunked_cross_entropy
 from transformer.optim import cross_entropy
 from transformer.tokenizer import DataError
 

@@ -12,6 +12,7 @@ names, so choosing between a kernel and its reference (per platform, say) stays 
   gelu             GELU, tanh approximation
   dot_product_attention   the plain formula over separate q, k, v; returns the weights too,
                           or calls `jax.nn.dot_product_attention` (XLA, cuDNN)
+  chunked_cross_entropy   output projection + cross-entropy a chunk of positions at a time
 """
 
 from transformer.ops.activations import gelu, gelu_reference
@@ -22,9 +23,11 @@ from transformer.ops.attention import (
     self_attention_reference,
 )
 from transformer.ops.dense import matmul, matmul_reference
+from transformer.ops.loss import chunked_cross_entropy
 from transformer.ops.norms import layer_norm, layer_norm_reference
 
 __all__ = [
+    "chunked_cross_entropy",
     "dot_product_attention",
     "gelu",
     "gelu_reference",
