@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import hostmem
-from transformer.config import PRESETS, base_config
+from transformer.config import PRESETS
 from transformer.metrics import (
     count_params,
     flops_per_token,
     known_peak_flops,
     measure_matmul_flops,
 )
-from transformer.run_config import RunConfig
+from transformer.run_config import RunConfig, base_config
 from transformer.sharding import global_batch
 from transformer.trainer import Trainer
 

@@ -9,7 +9,8 @@ Hugging Face weights with --config.checkpoint.init_from=HF_DIR). Batch 480 x 102
 step (about 0.5M, as GPT-2) through gradient accumulation; change mesh.* to shard it.
 """
 
-from transformer.config import PRESETS, base_config
+from transformer.config import PRESETS
+from transformer.run_config import base_config
 
 
 def get_config():

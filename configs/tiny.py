@@ -1,9 +1,10 @@
 """Tiny: the smallest real run, for tests and smoke checks (seconds on a CPU).
 
-    python train.py --config=configs/tiny.py --workdir=/tmp/tiny
+python train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-from transformer.config import PRESETS, base_config
+from transformer.config import PRESETS
+from transformer.run_config import base_config
 
 
 def get_config():

@@ -43,11 +43,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from transformer import ModelConfig
+from transformer import ModelConfig, load_run
 from transformer.config import padded_vocab_size
 from transformer.corpora import load_shakespeare
 from transformer.embeddings import Embed, sinusoidal_table
-from transformer.inference import load_run
 from transformer.tokenizer import Tokenizer
 from transformer.trainer import train_and_evaluate
 

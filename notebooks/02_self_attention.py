@@ -44,8 +44,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from transformer import GPT, ModelConfig
-from transformer.inference import load_run
+from transformer import GPT, ModelConfig, load_run
 from transformer.layers import MultiHeadAttention, causal_mask, segment_mask
 from transformer.trainer import train_and_evaluate
 

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from transformer import GPT
+from transformer import GPT, load_run
 from transformer.decode import top_k_filter
-from transformer.inference import generate, load_run
+from transformer.inference import generate
 from transformer.metrics import read_metrics
 from transformer.trainer import train_and_evaluate
 

@@ -49,8 +49,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from transformer import EncoderDecoder
-from transformer.inference import bleu, load_run, translate
+from transformer import EncoderDecoder, load_run
+from transformer.inference import bleu, translate
 from transformer.metrics import read_metrics
 from transformer.trainer import train_and_evaluate
 

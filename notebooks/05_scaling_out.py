@@ -43,9 +43,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from transformer.config import PRESETS, base_config
+from transformer.config import PRESETS
 from transformer.data import make_data
-from transformer.run_config import RunConfig
+from transformer.run_config import RunConfig, base_config
 from transformer.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
 from transformer.trainer import Trainer
 

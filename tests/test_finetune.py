@@ -73,10 +73,9 @@ GPT2_FLAGS = [
 
 
 def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
-    from transformer.config import base_config
     from transformer.convert import load_hf_gpt2
     from transformer.finetune import initial_params
-    from transformer.run_config import RunConfig
+    from transformer.run_config import RunConfig, base_config
 
     config = base_config()
     config.model.update(

@@ -155,7 +155,8 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, overrides, m
 def test_loading_a_run_from_python_prints_no_library_warnings(straight_run):
     workdir, _ = straight_run
     code = (
-        "from transformer.inference import generate, load_run\n"
+        "from transformer import load_run\n"
+        "from transformer.inference import generate\n"
         f"cfg, params, tokenizer = load_run({workdir!r})\n"
         "print(generate(cfg, params, tokenizer, ['RO'], max_new_tokens=5)[0])\n"
     )

@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from transformer.config import PRESETS, ConfigError, base_config
+from transformer.config import PRESETS, ConfigError
 from transformer.optim import cross_entropy
-from transformer.run_config import RunConfig
+from transformer.run_config import RunConfig, base_config
 from transformer.sharding import batch_sharding, global_batch
 from transformer.trainer import Trainer
 

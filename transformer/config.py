@@ -213,22 +213,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
-
-
-def base_config() -> Any:
-    """Every field a run config has, with its default; `configs/*.py` start from this.
-
-    Returned as an `ml_collections.ConfigDict` built from the typed sections of
-    `transformer.run_config`, so the command line can override any field
-    (`--config.train.num_steps=100`) and rejects unknown keys and wrong types. model.vocab_size
-    0 = the tokenizer's size rounded up to data.pad_vocab_to_multiple_of.
-    """
-    import ml_collections
-
-    from transformer.run_config import SECTIONS
-
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict({**dataclasses.asdict(ModelConfig()), "vocab_size": 0})
-    for name, section in SECTIONS.items():
-        config[name] = ml_collections.ConfigDict(dataclasses.asdict(section()))
-    return config

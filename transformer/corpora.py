@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from transformer.rundir import atomic_output
+from transformer.files import atomic_output
 from transformer.tokenizer import DataError
 
 VALIDATION_FRACTION = 0.1  # of files, or of lines/records/characters when there is one file

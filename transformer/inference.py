@@ -1,6 +1,7 @@
 """Using a trained run: load `(config, params, tokenizer)` from a workdir and generate.
 
-    from transformer.inference import load_run, generate, translate   # load_run: rundir.py
+    from transformer import load_run
+    from transformer.inference import generate, translate
     model_cfg, params, tokenizer = load_run("runs/default")
     print(generate(model_cfg, params, tokenizer, ["ROMEO:"], max_new_tokens=100)[0])
 
@@ -24,9 +25,6 @@ import numpy as np
 from transformer.config import ConfigError, ModelConfig
 from transformer.models import GPT, EncoderDecoder
 from transformer.optim import mask_vocab_padding
-from transformer.rundir import load_run
-
-__all__ = ["bleu", "generate", "load_run", "translate"]
 
 log = logging.getLogger(__name__)
 

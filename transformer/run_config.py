@@ -1,7 +1,7 @@
 """The run config, typed: `RunConfig` of `model`, `data`, `train`, `checkpoint` and `mesh`.
 
 Config files (`configs/*.py`) and the command line work on the `ml_collections.ConfigDict` that
-`transformer.config.base_config()` builds from the dataclasses below; `RunConfig.from_any`
+`base_config()` builds from the dataclasses below; `RunConfig.from_any`
 turns it into frozen dataclasses once, at the edge, and every value is checked there, before
 anything is written or compiled. A wrong value is a `ConfigError` naming the field, the value
 and the fix. The comment after each field is its documentation (`train.py --help` prints it).
@@ -183,6 +183,23 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
+
+
+def base_config() -> Any:
+    """Every field a run config has, with its default; `configs/*.py` start from this.
+
+    An `ml_collections.ConfigDict` built from `ModelConfig` and the sections above, so the
+    command line can override any field (`--config.train.num_steps=100`) and rejects unknown
+    keys and wrong types. model.vocab_size 0 = the tokenizer's size rounded up to
+    data.pad_vocab_to_multiple_of.
+    """
+    import ml_collections
+
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict({**dataclasses.asdict(ModelConfig()), "vocab_size": 0})
+    for name, section in SECTIONS.items():
+        config[name] = ml_collections.ConfigDict(dataclasses.asdict(section()))
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,42 +18,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from transformer.files import write_text_atomic
+from transformer.tokenizer import TOKENIZER, Tokenizer
+
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path next to `path`, renamed to `path` only if the block succeeds.
-
-    Readers (a second process, the next run after a crash) see the old file or the whole new
-    one; two writers never share a temporary name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and workdirs are shared, readable files
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 class RunDir:
@@ -126,8 +102,6 @@ class RunDir:
         return Checkpoints(str(self.checkpoints_path), keep=keep, read_only=read_only)
 
     def load_tokenizer(self) -> Any:
-        from transformer.tokenizer import Tokenizer
-
         return Tokenizer.load(self.tokenizer_path)
 
     def read_metrics(self) -> list[dict[str, Any]]:

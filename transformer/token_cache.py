@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from transformer.corpora import Corpus
-from transformer.rundir import atomic_output
+from transformer.files import atomic_output
 from transformer.tokenizer import Tokenizer, text_pieces
 
 _ENCODE_GROUP_CHARS = 32 << 20  # text encoded per encode_batch call; bounds Python-int memory

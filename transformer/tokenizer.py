@@ -25,13 +25,16 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from transformer.rundir import TOKENIZER, write_text_atomic
+from transformer.files import write_text_atomic
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 GPT2_EOT = "<|endoftext|>"
 CHAR_SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
 BPE_SPECIALS = (PAD, BOS, EOS)  # ids 0..2; byte-level BPE covers every byte so needs no unk
 BYTE_ALPHABET_SIZE = 256
+
+
+TOKENIZER = "tokenizer.json"  # its file name in a run directory
 
 
 class DataError(ValueError):
