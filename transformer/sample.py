@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 
 def main() -> int:
     from transformer.config import ConfigError
-    from transformer.inference import generate, load_run
+    from transformer.inference import generate
+    from transformer.rundir import load_run
 
     if not 0.0 < FLAGS.top_p <= 1.0:
         raise ConfigError(f"--top_p={FLAGS.top_p} must be in (0, 1]")
