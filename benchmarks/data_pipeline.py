@@ -3,8 +3,9 @@
     python benchmarks/data_pipeline.py                  # 4k BPE, batch 64 x seq_len 256
     python benchmarks/data_pipeline.py --json out.json  # also write the numbers as JSON
 
-Tokens are encoded into a fresh temporary cache, so the encode time is the first-run cost; the
-loader is the same grain iterator `make_data` hands to the trainer (background prefetch included).
+Tokens are prepared into a fresh temporary shard directory, so the encode time is the first-run
+cost; the loader is the same grain iterator `make_data` hands to the trainer (background
+prefetch included).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import time
 from pathlib import Path
 
 from transformer.batching import iterator
-from transformer.corpora import Corpus, load_shakespeare_plays
+from transformer.corpora import load_shakespeare_plays
 from transformer.data import lm_train_dataset
-from transformer.token_cache import lm_tokens
+from transformer.documents import MemoryUnit
+from transformer.shards import TokenShards, prepare
 from transformer.tokenizer import Tokenizer
 
 
@@ -42,12 +44,12 @@ def main() -> None:
     tokenizer = Tokenizer.train_bpe(train_docs, args.vocab_size)
     train_s = time.perf_counter() - start
 
-    corpus = Corpus("shakespeare", "lm", "benchmark", lambda: {"train": train_docs})
+    units = {"train": [MemoryUnit("train", train_docs)], "validation": []}
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        tokens = lm_tokens(corpus, "train", tokenizer, Path(cache))
+        prepare(units, tokenizer, Path(cache))
         encode_s = time.perf_counter() - start
-        tokens = tokens.copy()  # the cache directory goes away; keep the array
+        tokens = TokenShards.open(cache, "train").to_array()  # the directory goes away
 
     it = iterator(
         lm_train_dataset(tokens, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0)

@@ -386,7 +386,7 @@ def load_corpus(
     text_field: str = "text",
     cache_dir: str | None = None,
     eval_corpus: str = "",
-    shard_mb: int = 64,
+    shard_mb: float = 64.0,
 ) -> Corpus:
     """The corpus named by `data.corpus` (see `CORPORA_HELP`), with `data.eval_corpus` as its
     held-out split when given (file corpora only). `shard_mb` sizes the units file corpora are
@@ -403,7 +403,7 @@ def load_corpus(
     if bible := re.fullmatch(r"bible_([a-z]{2})_([a-z]{2})", spec):
         return _bible_corpus(spec, bible.group(1), bible.group(2), cache_dir)
     if kind in FILE_FORMATS and pattern:
-        return _file_corpus(spec, text_field, eval_corpus, shard_mb << 20)
+        return _file_corpus(spec, text_field, eval_corpus, int(shard_mb * 2**20))
     if kind == "tsv" and pattern:
         eval_pattern = eval_corpus.partition(":")[2]
         paths = expand_files(pattern) + (expand_files(eval_pattern) if eval_pattern else [])

@@ -156,7 +156,7 @@ def _training_texts(data_cfg: DataConfig, corpus: Corpus, units: dict | None) ->
     """What a char or BPE tokenizer learns from: the first `data.tokenizer_sample_mb` of the
     training text of a language-model corpus; every pair of a translation corpus's train split."""
     if units is not None:
-        return _sample_texts(units["train"], data_cfg.tokenizer_sample_mb << 20)
+        return _sample_texts(units["train"], int(data_cfg.tokenizer_sample_mb * 2**20))
     return [text for pair in corpus.splits["train"] for text in pair]
 
 

@@ -45,8 +45,8 @@ class DataConfig:
     text_field: str = "text"  # field (jsonl) or column (parquet, hf) holding the text
     gpt2_vocab: str = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
     cache_dir: str = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
-    shard_mb: int = 64  # input MB per token shard (the unit of `transformer.prepare` work)
-    tokenizer_sample_mb: int = 100  # char/bpe tokenizers learn from this much training text
+    shard_mb: float = 64.0  # input MB per token shard (the unit of `transformer.prepare` work)
+    tokenizer_sample_mb: float = 100.0  # char/bpe tokenizers learn from this much training text
     pad_vocab_to_multiple_of: int = 64  # embedding rows rounded up for fast matmuls
     pack: bool = False  # translation: pack several pairs per row (segment ids)
     truncate: bool = True  # translation: cut pairs longer than seq_len (False: error)
@@ -63,8 +63,8 @@ class DataConfig:
                 ("seq_len", self.seq_len >= 2, "must be at least 2"),
                 ("vocab_size", self.tokenizer != "bpe" or self.vocab_size > 0, "must be > 0"),
                 ("pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of >= 1, "must be >= 1"),
-                ("shard_mb", self.shard_mb >= 1, "must be >= 1"),
-                ("tokenizer_sample_mb", self.tokenizer_sample_mb >= 1, "must be >= 1"),
+                ("shard_mb", self.shard_mb > 0, "must be positive"),
+                ("tokenizer_sample_mb", self.tokenizer_sample_mb > 0, "must be positive"),
                 (
                     "gpt2_vocab",
                     self.tokenizer != "gpt2" or os.path.isdir(gpt2_dir),
