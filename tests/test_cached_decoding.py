@@ -91,6 +91,7 @@ def test_vocabulary_padding_is_never_predicted():
     assert float(logits[..., 50:].max()) == float(jnp.finfo(jnp.float32).min)
 
 
+@pytest.mark.slow
 def test_generation_past_the_context_slides_by_half_a_context():
     """`generate` beyond `max_len`: once the longest context in the batch is full, every row
     continues from its last max_len // 2 tokens. The reference recomputes the full forward

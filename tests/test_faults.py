@@ -203,7 +203,6 @@ def test_kill_9_at_random_steps_three_times_then_resume_is_exact(uninterrupted, 
     assert_same_run(workdir, uninterrupted)
 
 
-@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_one(uninterrupted, tmp_path):
     workdir = str(tmp_path / "killed_saving")
     for _ in range(4):  # a kill can land just after the rename; then try a later save
@@ -236,7 +235,6 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_one(uninterru
     assert_same_run(workdir, uninterrupted)
 
 
-@pytest.mark.slow
 def test_sigterm_and_sigint_stop_with_a_checkpoint_at_that_step(uninterrupted, tmp_path):
     workdir = str(tmp_path / "signalled")
     # No periodic saves: the checkpoints seen are the ones the signals caused.
@@ -411,7 +409,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-@pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_then_resumes(uninterrupted, small_disk):
     workdir = os.path.join(small_disk, "run")
     proc = train(workdir, *RUN)

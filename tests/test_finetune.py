@@ -104,6 +104,7 @@ def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
             np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow
 def test_finetune_resume_and_sample(hf_checkpoint, tmp_path):
     workdir = str(tmp_path / "ft")
     flags = [

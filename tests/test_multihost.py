@@ -101,6 +101,7 @@ def test_two_processes_train_stop_resume_like_one_process(reference, tmp_path):
     assert_same_losses(losses(workdir), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh, devices",
     [

@@ -46,7 +46,14 @@ def test_ipynb_and_py_hold_the_same_cells(name):
     )
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The longer notebooks run with `pytest -m slow`; the default suite runs the first and the GPT.
+QUICK_BY_DEFAULT = ("01_tokens_and_embeddings", "03_train_a_gpt")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in QUICK_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in NAMES],
+)
 def test_notebook_runs_in_quick_mode(name, monkeypatch, tmp_path):
     import nbclient
     import nbformat

@@ -166,3 +166,15 @@ def test_loading_a_run_from_python_prints_no_library_warnings(straight_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip()) > 0
     assert "WARNING" not in proc.stderr, proc.stderr
+
+
+def test_sample_command_continues_a_prompt(straight_run):
+    workdir, _ = straight_run
+    cmd = [sys.executable, "-m", "transformer.sample", f"--workdir={workdir}", "--prompt=ROMEO:"]
+    cmd += ["--max_new_tokens=8", "--temperature=0", "--num_samples=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0::2] == ["--- sample 1 ---", "--- sample 2 ---"]
+    greedy = lines[1::2]  # temperature 0: the same continuation twice, 8 tokens after the prompt
+    assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:") and len(greedy[0]) == 14
