@@ -320,22 +320,15 @@ def test_prepare_command_does_one_shard_and_says_what_is_left(corpus_spec, tmp_p
         "--config.data.shard_mb=0.01",
         f"--workdir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(
-        [*command, "--shard=1", "--num_shards=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def prepare_shard(shard: int) -> subprocess.CompletedProcess:
+        args = [*command, f"--shard={shard}", "--num_shards=2"]
+        return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    proc = prepare_shard(1)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "still to prepare by other shards" in proc.stdout
     assert (tmp_path / "run" / "tokenizer.json").is_file()
-    bad = subprocess.run(
-        [*command, "--shard=2", "--num_shards=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = prepare_shard(2)
     assert bad.returncode == 2 and "--shard=2 must be in [0, --num_shards=2)" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -301,8 +301,12 @@ def _holdout(n: int) -> int:
     return min(max(1, round(n * VALIDATION_FRACTION)), n - 1)
 
 
-def _hf_files(directory: Path) -> dict[str, list[Path]]:
-    """Arrow files of a `save_to_disk` directory: {'': files} or {split: files}."""
+def _hf_files(pattern: str) -> dict[str, list[Path]]:
+    """Arrow files of the `save_to_disk` directory of an `hf:DIR` corpus: {'': files} or
+    {split: files}."""
+    directory = Path(os.path.expanduser(pattern))
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory; point data.corpus='hf:DIR' at one.")
 
     def dataset_files(d: Path) -> list[Path]:
         state = d / "state.json"
@@ -324,14 +328,11 @@ def _sources(spec: str, text_field: str) -> tuple[list[Source], list[Source] | N
     """(sources, held-out sources the corpus names itself, e.g. a DatasetDict's validation)."""
     kind, _, pattern = spec.partition(":")
     if kind == "hf":
-        directory = Path(os.path.expanduser(pattern))
-        if not directory.is_dir():
-            raise DataError(f"{directory} is not a directory; point data.corpus='hf:DIR' at one.")
-        files = _hf_files(directory)
+        files = _hf_files(pattern)
         if "" in files:
             return [Source(str(p), "arrow") for p in files[""]], None
         if "train" not in files:
-            raise DataError(f"{directory} has no 'train' split (it has {', '.join(files)}).")
+            raise DataError(f"{pattern} has no 'train' split (it has {', '.join(files)}).")
         held = files.get("validation") or files.get("test")
         held_out = [Source(str(p), "arrow") for p in held] if held else None
         return [Source(str(p), "arrow") for p in files["train"]], held_out
@@ -342,10 +343,7 @@ def input_files(spec: str) -> list[Path]:
     """Every file a file corpus spec reads (for its fingerprint)."""
     kind, _, pattern = spec.partition(":")
     if kind == "hf":
-        directory = Path(os.path.expanduser(pattern))
-        if not directory.is_dir():
-            raise DataError(f"{directory} is not a directory; point data.corpus='hf:DIR' at one.")
-        return [p for files in _hf_files(directory).values() for p in files]
+        return [p for files in _hf_files(pattern).values() for p in files]
     return expand_files(pattern)
 
 
@@ -354,12 +352,7 @@ def plan_splits(
 ) -> dict[str, list[Source]]:
     """Split ('train', 'validation') -> sources of a file corpus (see the module docstring)."""
     sources, held_out = _sources(spec, text_field)
-    if eval_spec:
-        if eval_spec.partition(":")[0] not in FILE_FORMATS:
-            raise DataError(
-                f"data.eval_corpus={eval_spec!r} must be a file corpus of the same kind "
-                f"({', '.join(f + ':...' for f in FILE_FORMATS)})."
-            )
+    if eval_spec:  # its kind is checked by `corpora.load_corpus`
         evaluation, _ = _sources(eval_spec, text_field)
         return {"train": sources, "validation": evaluation}
     if held_out is not None:
