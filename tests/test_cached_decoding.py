@@ -20,9 +20,13 @@ def random_tokens(shape, seed):
     return np.asarray(jax.random.randint(jax.random.key(seed), shape, 3, 64, dtype=jnp.int32))
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_gpt_cached_logits_equal_full_forward(scan):
-    cfg = preset("tiny_gpt", scan_layers=scan)
+@pytest.mark.parametrize(
+    "name, scan",
+    [("tiny_gpt", False), ("tiny_gpt", True), ("llama_tiny", False), ("llama_tiny", True)],
+)
+def test_gpt_cached_logits_equal_full_forward(name, scan):
+    """llama_tiny: rotary positions offset by the cache index, 2 kv heads for 4 query heads."""
+    cfg = preset(name, scan_layers=scan)
     model = GPT(cfg)
     total = 12
     params = nn.meta.unbox(

@@ -2,7 +2,8 @@
 
 Presets name the architectures of the papers: `transformer_base` and `transformer_big` are the
 rows of Table 3 in "Attention Is All You Need"; `gpt2_small` (124M) and `gpt2_medium` (350M) are
-GPT-2's. Derive variants with `dataclasses.replace(cfg, dropout_rate=0.0)` or
+GPT-2's; `smollm_135m` is a Llama-style decoder (rotary positions, SwiGLU, RMSNorm, grouped-query
+attention). Derive variants with `dataclasses.replace(cfg, dropout_rate=0.0)` or
 `preset('gpt2_small', vocab_size=65)`.
 """
 
@@ -13,10 +14,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 NORM_POSITIONS = ("post", "pre")
 NORM_TYPES = ("layernorm", "rmsnorm")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "rope")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
@@ -33,17 +34,19 @@ class ModelConfig:
     vocab_size: int = 256  # embedding rows; may exceed the tokenizer's size (padding)
     d_model: int = 512  # residual stream width
     num_heads: int = 8  # attention heads; d_model must divide by it
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: num_heads, 1: MQA
     d_ff: int = 2048  # hidden width of the position-wise feed-forward network
     num_encoder_layers: int = 6  # 0 for a decoder-only model (GPT)
     num_decoder_layers: int = 6  # layers of the (causal) decoder stack
     max_len: int = 512  # longest sequence; size of learned position table and caches
     dropout_rate: float = 0.1  # on embeddings and every sub-layer output (sec. 5.4)
     attention_dropout_rate: float = 0.0  # on attention weights (GPT-2's attn_pdrop)
-    activation: str = "relu"  # FFN non-linearity: relu (paper) | gelu (GPT, tanh approx.)
+    activation: str = "relu"  # FFN: relu (paper) | gelu (GPT-2, tanh) | swiglu (Llama) | geglu
     norm_position: str = "post"  # post: LN(x + f(x)) (paper) | pre: x + f(LN(x)) (GPT-2)
     norm_type: str = "layernorm"  # layernorm | rmsnorm
     norm_epsilon: float = 1e-6  # GPT-2 uses 1e-5
-    positions: str = "sinusoidal"  # sinusoidal (sec. 3.5) | learned (GPT)
+    positions: str = "sinusoidal"  # sinusoidal (sec. 3.5) | learned (GPT-2) | rope (Llama)
+    rope_theta: float = 10000.0  # rotary base wavelength (RoFormer: 10000; Llama 3: 500000)
     tie_embeddings: bool = True  # output projection shares the token embedding (sec. 3.4)
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (sec. 3.4)
     use_bias: bool = True  # biases in dense layers and norms
@@ -90,6 +93,19 @@ class ModelConfig:
         for field in ("dropout_rate", "attention_dropout_rate"):
             check(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
         check(self.norm_epsilon > 0, "norm_epsilon", "must be positive")
+        check(
+            isinstance(self.num_kv_heads, int)
+            and self.num_kv_heads >= 0
+            and self.num_heads % (self.num_kv_heads or self.num_heads) == 0,
+            "num_kv_heads",
+            f"must divide model.num_heads={self.num_heads} (0 means num_heads: no grouping)",
+        )
+        check(
+            self.positions != "rope" or self.head_dim % 2 == 0,
+            "positions",
+            "rotary positions rotate pairs of dimensions; use an even d_model // num_heads",
+        )
+        check(self.rope_theta > 0, "rope_theta", "must be positive")
         check(self.loss_chunk_len >= 0, "loss_chunk_len", "must be >= 0 (0 = no chunks)")
         check(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
         choices = {
@@ -108,6 +124,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: `num_kv_heads`, or `num_heads` when it is 0."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gated_ffn(self) -> bool:
+        """SwiGLU/GeGLU: the FFN has a gate and an up projection (`wi_gate`, `wi_up`)."""
+        return self.activation in ("swiglu", "geglu")
 
     @property
     def is_decoder_only(self) -> bool:
@@ -158,8 +184,27 @@ _GPT2: dict[str, Any] = dict(
     init_std=0.02,
 )
 
-# The paper's Table 3 rows and GPT-2's sizes. Vocabulary sizes are the papers'; override them with
-# the tokenizer's (padded) size.
+# The modern decoder (Llama, Mistral, Qwen, SmolLM): GPT-2 with four pieces changed: rotary
+# positions, a SwiGLU FFN, RMSNorm, grouped-query attention (set per size), and no biases.
+_LLAMA: dict[str, Any] = dict(
+    num_encoder_layers=0,
+    max_len=2048,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    activation="swiglu",
+    norm_position="pre",
+    norm_type="rmsnorm",
+    norm_epsilon=1e-5,
+    positions="rope",
+    rope_theta=10000.0,
+    scale_embeddings=False,
+    use_bias=False,
+    init_std=0.02,
+    tie_embeddings=False,
+)
+
+# The paper's Table 3 rows, GPT-2's sizes and Llama-style decoders. Vocabulary sizes are the
+# papers'; override them with the tokenizer's (padded) size.
 PRESETS: dict[str, dict[str, Any]] = {
     "transformer_base": dict(
         vocab_size=37000,
@@ -183,6 +228,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "gpt2_small": dict(_GPT2, d_model=768, num_heads=12, d_ff=3072, num_decoder_layers=12),
     "gpt2_medium": dict(_GPT2, d_model=1024, num_heads=16, d_ff=4096, num_decoder_layers=24),
+    # SmolLM-135M's shape (HuggingFaceTB/SmolLM-135M): a Llama with tied embeddings.
+    "smollm_135m": dict(
+        _LLAMA,
+        vocab_size=49152,
+        d_model=576,
+        num_heads=9,
+        num_kv_heads=3,
+        d_ff=1536,
+        num_decoder_layers=30,
+        tie_embeddings=True,
+    ),
     # Test sizes: small enough that a jit compile and a step take well under a second on CPU.
     "tiny_gpt": dict(
         _GPT2,
@@ -194,6 +250,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_len=64,
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
+    ),
+    "llama_tiny": dict(
+        _LLAMA,
+        vocab_size=64,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=64,
+        num_decoder_layers=2,
+        max_len=64,
     ),
     "tiny_transformer": dict(
         vocab_size=64,

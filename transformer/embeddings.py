@@ -25,7 +25,8 @@ def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
 
 
 class Embed(nn.Module):
-    """Token embedding (x sqrt(d_model) in the paper, sec. 3.4) plus positions, then dropout;
+    """Token embedding (x sqrt(d_model) in the paper, sec. 3.4) plus positions (absolute ones:
+    rotary positions act in attention), then dropout;
     `attend` is the tied pre-softmax projection that reuses the same matrix (sec. 3.4)."""
 
     config: ModelConfig
@@ -60,8 +61,9 @@ class Embed(nn.Module):
         if cfg.positions == "learned":
             table = nn.with_logical_constraint(self.position_embedding, (None, None))
             x = x + jnp.take(table, positions, axis=0)
-        else:
+        elif cfg.positions == "sinusoidal":
             x = x + jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[positions]
+        # 'rope': positions rotate queries and keys inside attention instead (`ops.apply_rotary`)
         x = self.dropout(x, deterministic=deterministic)
         return nn.with_logical_constraint(x.astype(cfg.compute_dtype), RESIDUAL_AXES)
 

@@ -1,10 +1,12 @@
 """The Transformer's layers, shared by the encoder-decoder and GPT ("Attention Is All You Need").
 
 Shape legend used in comments throughout the package:
-  b batch, t query length, s key length, n heads, h head dim (d_k = d_v), d model width,
+  b batch, t query length, s key length, n heads, k key/value heads (n with multi-head
+  attention, fewer with grouped-query attention), h head dim (d_k = d_v), d model width,
   f feed-forward hidden width, v vocabulary, l layers.
 
-Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `layers`);
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`,
+`layers`);
 activations are constrained under names of their own (`activation_batch`, `activation_embed`,
 ...) at block and embedding outputs, on the attention projections and on the FFN hidden units.
 `transformer.sharding` maps both onto a device mesh with one small rules table.
@@ -118,6 +120,11 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention (sec. 3.2.2): self-attention with one fused QKV projection, or
     cross-attention (queries from the decoder, keys and values from the encoder output).
 
+    Two switches of the modern decoder: with `positions='rope'` self-attention rotates queries
+    and keys by their positions (`ops.apply_rotary`); with `num_kv_heads` k < n, keys and values
+    have k heads, each shared by n / k query heads (grouped-query attention, Ainslie et al.
+    2023), projected by `query` [d, n, h] and `key_value` [d, 2, k, h] instead of `qkv`.
+
     Decoding: given `cache_index` (a scalar), self-attention writes this call's keys and values
     into the 'cache' collection at [cache_index, cache_index + t) and attends over the whole
     buffer (the caller's mask hides unwritten slots). Cross-attention stores the projected
@@ -138,6 +145,7 @@ class MultiHeadAttention(nn.Module):
         mask: Array | None,
         memory: Array | None = None,
         cache_index: Array | None = None,
+        positions: Array | None = None,
     ) -> Array:
         cfg = self.config
         n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
@@ -154,17 +162,14 @@ class MultiHeadAttention(nn.Module):
             key, value = self._cross_keys_values(memory, cache_index)
             out = self._dot_product_attention(query, key, value, mask)
         else:
-            qkv = dense(
-                features=(3, n, h),
-                kernel_axes=("embed", None, "heads", "kv"),
-                kernel_init=xavier,
-                name="qkv",
-            )(x)
-            qkv = nn.with_logical_constraint(qkv, QKV_AXES)  # [b, t, 3, n, h]
+            qkv, query, key, value = self._self_projections(x, positions)
             if self._use_fused_self_attention(cache_index):
+                if qkv is None:  # rotated or grouped: back to the fused layout, k heads -> n
+                    groups = n // cfg.kv_heads
+                    key, value = (jnp.repeat(a, groups, axis=2) for a in (key, value))
+                    qkv = jnp.stack([query, key, value], axis=2)  # [b, t, 3, n, h]
                 out = ops.self_attention(qkv, mask, self.causal and mask is not None)
             else:
-                query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
                 if cache_index is not None:
                     key, value = self._append_to_cache(key, value, cache_index)
                 out = self._dot_product_attention(query, key, value, mask)
@@ -175,6 +180,50 @@ class MultiHeadAttention(nn.Module):
             contract_axes=2,  # n and h
             name="out",
         )(out)  # [b, t, d]
+
+    def _self_projections(
+        self, x: Array, positions: Array | None
+    ) -> tuple[Array | None, Array, Array, Array]:
+        """(fused qkv [b, t, 3, n, h] or None, queries [b, t, n, h], keys and values
+        [b, t, k, h]). The fused array is returned only when it is what attention needs as
+        projected: multi-head attention without rotary positions."""
+        cfg = self.config
+        n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
+        dense = dense_for(cfg)
+        xavier = kernel_init(cfg, d, d)
+        if k == n:
+            qkv = dense(
+                features=(3, n, h),
+                kernel_axes=("embed", None, "heads", "kv"),
+                kernel_init=xavier,
+                name="qkv",
+            )(x)
+            qkv = nn.with_logical_constraint(qkv, QKV_AXES)  # [b, t, 3, n, h]
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            qkv = None
+            query = dense(
+                features=(n, h),
+                kernel_axes=("embed", "heads", "kv"),
+                kernel_init=xavier,
+                name="query",
+            )(x)
+            kv = dense(
+                features=(2, k, h),
+                kernel_axes=("embed", None, "kv_heads", "kv"),
+                kernel_init=kernel_init(cfg, d, k * h),
+                name="key_value",
+            )(x)
+            query = nn.with_logical_constraint(query, HEADS_AXES)  # [b, t, n, h]
+            kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, t, 2, k, h]
+            key, value = kv[:, :, 0], kv[:, :, 1]
+        if cfg.positions == "rope":
+            if positions is None:
+                raise ValueError("rotary positions need the token positions; pass `positions`")
+            query = ops.apply_rotary(query, positions, cfg.rope_theta)
+            key = ops.apply_rotary(key, positions, cfg.rope_theta)
+            qkv = None
+        return qkv, query, key, value
 
     def _use_fused_self_attention(self, cache_index: Array | None) -> bool:
         """Training and scoring take `ops.self_attention` (the same result for every query
@@ -240,14 +289,14 @@ class MultiHeadAttention(nn.Module):
                 self.get_variable("cache", "cross_key"),
                 self.get_variable("cache", "cross_value"),
             )
-        n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        k, h, d = cfg.kv_heads, cfg.head_dim, cfg.d_model
         kv = dense_for(cfg)(
-            features=(2, n, h),
-            kernel_axes=("embed", None, "heads", "kv"),
-            kernel_init=kernel_init(cfg, d, d),
+            features=(2, k, h),
+            kernel_axes=("embed", None, "kv_heads", "kv"),
+            kernel_init=kernel_init(cfg, d, k * h),
             name="key_value",
         )(memory)
-        kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, s, 2, n, h]
+        kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, s, 2, k, h]
         key, value = kv[:, :, 0], kv[:, :, 1]
         if cache_index is not None:  # computed once per source sentence, reused every step
             self.put_variable("cache", "cross_key", key)
@@ -256,7 +305,9 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3)."""
+    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3), or the
+    gated FFN(x) = (act(x W_gate) * x W_up) W2 of SwiGLU (act = SiLU, Llama) and GeGLU (GELU),
+    "GLU Variants Improve Transformer" (Shazeer 2020)."""
 
     config: ModelConfig
     out_scale: float = 1.0
@@ -267,9 +318,15 @@ class FeedForward(nn.Module):
         d, f = cfg.d_model, cfg.d_ff
         dense = dense_for(cfg)
         wi_init, wo_init = kernel_init(cfg, d, f), kernel_init(cfg, f, d, self.out_scale)
-        x = dense(features=f, kernel_axes=("embed", "mlp"), kernel_init=wi_init, name="wi")(x)
-        # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
-        x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
+        wi = functools.partial(dense, features=f, kernel_axes=("embed", "mlp"), kernel_init=wi_init)
+        if cfg.gated_ffn:
+            gate = wi(name="wi_gate")(x)
+            gate = jax.nn.silu(gate) if cfg.activation == "swiglu" else ops.gelu(gate)
+            x = gate * wi(name="wi_up")(x)
+        else:
+            x = wi(name="wi")(x)
+            # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
+            x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
         x = nn.with_logical_constraint(x, HIDDEN_AXES)  # [b, t, f], split over f under TP
         return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(x)
 
@@ -332,6 +389,7 @@ class TransformerBlock(nn.Module):
         memory: Array | None,
         memory_mask: Array | None,
         cache_index: Array | None,
+        positions: Array | None = None,
     ) -> Any:
         cfg = self.config
 
@@ -348,7 +406,7 @@ class TransformerBlock(nn.Module):
         x = residual(
             x,
             lambda y: attention(causal=self.causal, name="self_attention")(
-                y, mask, None, cache_index
+                y, mask, None, cache_index, positions
             ),
             "norm_self_attention",
         )
@@ -392,6 +450,7 @@ class Stack(nn.Module):
         memory_mask: Array | None = None,
         cache_index: Array | None = None,
         deterministic: bool = True,
+        positions: Array | None = None,  # [b, t], for rotary positions
     ) -> Array:
         cfg = self.config
         block: Any = TransformerBlock
@@ -409,17 +468,17 @@ class Stack(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * 4,
+                in_axes=(nn.broadcast,) * 5,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(cfg, scanned=True, name="layers", **kwargs)(
-                x, mask, memory, memory_mask, cache_index
+                x, mask, memory, memory_mask, cache_index, positions
             )
         else:
             for i in range(self.num_layers):
                 x = block(cfg, name=f"layers_{i}", **kwargs)(
-                    x, mask, memory, memory_mask, cache_index
+                    x, mask, memory, memory_mask, cache_index, positions
                 )
         if cfg.norm_position == "pre":
             x = make_norm(cfg, "final_norm")(x)

@@ -98,7 +98,10 @@ class GPT(_LanguageModel):
         if segment_ids is not None:
             mask = mask & segment_mask(segment_ids, segment_ids)
         x = self.decoder(
-            self.embed(tokens, positions, deterministic), mask, deterministic=deterministic
+            self.embed(tokens, positions, deterministic),
+            mask,
+            deterministic=deterministic,
+            positions=positions,
         )
         return x if return_hidden else self.logits(x)
 
@@ -108,7 +111,7 @@ class GPT(_LanguageModel):
         mask [b, 1, t, s] covers the whole cache buffer (s slots); returns logits [b, t, v].
         """
         x = self.embed(tokens, positions, True)
-        return self.logits(self.decoder(x, mask, cache_index=cache_index))
+        return self.logits(self.decoder(x, mask, cache_index=cache_index, positions=positions))
 
 
 class EncoderDecoder(_LanguageModel):
@@ -136,7 +139,7 @@ class EncoderDecoder(_LanguageModel):
         positions = default_positions(src) if src_positions is None else src_positions
         mask = None if src_segment_ids is None else segment_mask(src_segment_ids, src_segment_ids)
         x = self.embed(src, positions, deterministic)
-        return self.encoder(x, mask, deterministic=deterministic)
+        return self.encoder(x, mask, deterministic=deterministic, positions=positions)
 
     def decode(
         self,
@@ -179,7 +182,7 @@ class EncoderDecoder(_LanguageModel):
                 queries = jnp.ones(tgt.shape, src_segment_ids.dtype)
             cross_mask = segment_mask(queries, src_segment_ids)
         x = self.embed(tgt, positions, deterministic)
-        x = self.decoder(x, self_mask, encoded, cross_mask, cache_index, deterministic)
+        x = self.decoder(x, self_mask, encoded, cross_mask, cache_index, deterministic, positions)
         return x if return_hidden else self.logits(x)
 
     def __call__(

@@ -32,6 +32,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Parameters.
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention: kv head j serves query heads j*n/k...
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
@@ -90,6 +91,7 @@ def check_model_fits(cfg: ModelConfig, mesh: Mesh) -> None:
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     checks = [
         ("num_heads", cfg.num_heads, tensor, "tensor"),
+        ("num_kv_heads", cfg.kv_heads, tensor, "tensor"),
         ("d_ff", cfg.d_ff, tensor, "tensor"),
         ("vocab_size", cfg.vocab_size, tensor, "tensor"),
         ("d_model", cfg.d_model, fsdp, "fsdp"),

@@ -13,6 +13,7 @@ names, so choosing between a kernel and its reference (per platform, say) stays 
   dot_product_attention   the plain formula over separate q, k, v; returns the weights too,
                           or calls `jax.nn.dot_product_attention` (XLA, cuDNN)
   chunked_cross_entropy   output projection + cross-entropy a chunk of positions at a time
+  apply_rotary     rotary position embedding of queries or keys (RoFormer, Llama)
 """
 
 from transformer.ops.activations import gelu, gelu_reference
@@ -25,8 +26,10 @@ from transformer.ops.attention import (
 from transformer.ops.dense import matmul, matmul_reference
 from transformer.ops.loss import chunked_cross_entropy
 from transformer.ops.norms import layer_norm, layer_norm_reference
+from transformer.ops.rotary import apply_rotary, rotary_frequencies
 
 __all__ = [
+    "apply_rotary",
     "chunked_cross_entropy",
     "dot_product_attention",
     "gelu",
@@ -36,6 +39,7 @@ __all__ = [
     "matmul",
     "matmul_reference",
     "query_blocks",
+    "rotary_frequencies",
     "self_attention",
     "self_attention_reference",
 ]

@@ -24,10 +24,12 @@ def dot_product_attention(
 ) -> tuple[Array, Array | None]:
     """softmax(Q K^T / sqrt(d_k)) V over heads (sec. 3.2.1), returning (output, weights).
 
-    query [b, t, n, h], key and value [b, s, n, h], mask broadcastable to [b, n, t, s].
-    Scores and softmax are float32 whatever the compute dtype; masked scores are set to the
-    most negative float32, not -inf, so a fully masked row stays finite. `impl` 'xla' or
-    'cudnn' call `jax.nn.dot_product_attention` (fused; weights are not returned).
+    query [b, t, n, h], key and value [b, s, k, h], mask broadcastable to [b, n, t, s]. With
+    k < n heads of keys and values (grouped-query attention), query head i attends with key
+    and value head i // (n / k). Scores and softmax are float32 whatever the compute dtype;
+    masked scores are set to the most negative float32, not -inf, so a fully masked row stays
+    finite. `impl` 'xla' or 'cudnn' call `jax.nn.dot_product_attention` (fused; weights are not
+    returned).
     """
     depth = query.shape[-1]
     if impl != "einsum":
@@ -40,14 +42,27 @@ def dot_product_attention(
     # sec. 3.2.1: scale by 1/sqrt(d_k) so the softmax does not saturate for large d_k. Scaling q
     # first costs b*t*n*h multiplies instead of b*n*t*s.
     query = query / jnp.sqrt(depth).astype(query.dtype)
-    scores = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32)
+    b, t, n, _ = query.shape
+    s, k = key.shape[1], key.shape[2]
+    if n % k:
+        raise ValueError(f"{n} query heads do not divide into groups over {k} key/value heads")
+    if k == n:
+        scores = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32)
+    else:  # each key/value head serves a group of n / k consecutive query heads
+        grouped = query.reshape(b, t, k, n // k, depth)
+        scores = jnp.einsum("btkgh,bskh->bkgts", grouped, key, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, n, t, s)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)  # [b, n, t, s], float32
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bnts,bsnh->btnh", weights.astype(value.dtype), value)
+    if k == n:
+        out = jnp.einsum("bnts,bsnh->btnh", weights.astype(value.dtype), value)
+    else:
+        grouped_weights = weights.astype(value.dtype).reshape(b, k, n // k, t, s)
+        out = jnp.einsum("bkgts,bskh->btkgh", grouped_weights, value).reshape(b, t, n, depth)
     return out, weights
 
 
