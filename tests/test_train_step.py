@@ -14,9 +14,9 @@ from transformer.trainer import Trainer
 VOCAB = 64
 
 
-def tiny_config(**train):
+def tiny_config(preset="tiny_gpt", **train):
     config = base_config()
-    config.model.update(PRESETS["tiny_gpt"])
+    config.model.update(PRESETS[preset])
     config.model.update(vocab_size=0, max_len=16)
     config.data.seq_len = 16
     config.train.update(
@@ -64,11 +64,11 @@ MESHES = {
 }
 
 
-def equivalence_config():
+def equivalence_config(preset="tiny_gpt"):
     # Some gradients are zero in exact arithmetic (e.g. the key bias: softmax ignores a constant
     # added to every score) and only rounding noise in practice; Adam's first step divides by
     # |g| + eps, so eps is raised above that noise to compare parameters at 1e-5.
-    return tiny_config(learning_rate=1e-3, eps=1e-6)
+    return tiny_config(preset, learning_rate=1e-3, eps=1e-6)
 
 
 def gradients(setup, state, local):
@@ -112,6 +112,31 @@ def test_sharded_steps_equal_single_device(mesh, single_device_result):
     assert_same_step(
         one_step(setup_for(equivalence_config(), **MESHES[mesh])), single_device_result
     )
+
+
+# The Llama-style model (rotary positions, SwiGLU, RMSNorm, no biases) with 4 query heads over
+# 2 key/value heads: tensor parallelism splits both, 2 ways.
+# The 2x2x2 mesh (all three kinds at once) runs by default, the single-kind meshes with -m slow.
+LLAMA_MESHES = {
+    "dp8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "tp2": dict(data=4, tensor=2),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_single_device_result():
+    return one_step(setup_for(equivalence_config("llama_tiny"), devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [pytest.param(m, marks=pytest.mark.slow) if m != "dp2_fsdp2_tp2" else m for m in LLAMA_MESHES],
+)
+def test_llama_sharded_steps_equal_single_device(mesh, llama_single_device_result):
+    config = equivalence_config("llama_tiny")
+    assert_same_step(one_step(setup_for(config, **LLAMA_MESHES[mesh])), llama_single_device_result)
 
 
 def test_shards_have_the_promised_sizes():
