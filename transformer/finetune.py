@@ -1,5 +1,5 @@
 """Parameters to fine-tune from (`checkpoint.init_from`): another run's workdir or a Hugging
-Face GPT-2 directory, checked against the model being trained."""
+Face GPT-2 or Llama directory, checked against the model being trained."""
 
 from __future__ import annotations
 
@@ -33,18 +33,20 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
 
             params = (stack_layers if model_cfg.scan_layers else unstack_layers)(params)
     elif (source.path / CONFIG).exists():
-        from transformer.convert import load_hf_gpt2
+        from transformer.convert import load_hf  # GPT-2 or Llama, by config.json's model_type
 
-        source_cfg, params = load_hf_gpt2(
+        source_cfg, params = load_hf(
             init_from, pad_vocab_to=model_cfg.vocab_size, scan_layers=model_cfg.scan_layers
         )
     else:
         raise ConfigError(
             f"checkpoint.init_from={init_from!r} is neither a run directory (with checkpoints/) "
-            "nor a Hugging Face GPT-2 directory (with config.json); check the path"
+            "nor a Hugging Face GPT-2 or Llama directory (with config.json); check the path"
         )
     ignored = (*RUNTIME_MODEL_FIELDS, "vocab_size", "init_std")
-    theirs, mine = source_cfg.to_dict(), model_cfg.to_dict()
+    # num_kv_heads 0 means num_heads: compare the heads each model really has.
+    theirs = {**source_cfg.to_dict(), "num_kv_heads": source_cfg.kv_heads}
+    mine = {**model_cfg.to_dict(), "num_kv_heads": model_cfg.kv_heads}
     diffs = [
         f"model.{k}: {theirs[k]!r} there, {mine[k]!r} here"
         for k in mine

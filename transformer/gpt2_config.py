@@ -51,7 +51,7 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependencyError(
-            f"GPT-2 conversion needs the '{module.split('.')[0]}' package; "
+            f"Hugging Face conversion needs the '{module.split('.')[0]}' package; "
             'install the hf extra: pip install -e ".[hf]"'
         ) from e
 
@@ -63,7 +63,8 @@ def _hf_fields(hf_config: Any) -> dict[str, Any]:
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
     raise ConvertError(
-        f"expected a transformers GPT2Config or a config.json dict, got {type(hf_config).__name__}"
+        f"expected a transformers config (GPT2Config, LlamaConfig) or a config.json dict, got "
+        f"{type(hf_config).__name__}"
     )
 
 
