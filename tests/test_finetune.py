@@ -162,3 +162,88 @@ def test_finetune_resume_and_sample(hf_checkpoint, tmp_path):
     )
     assert proc.returncode == 2
     assert "model.num_decoder_layers: 2 there, 3 here" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    """A Hugging Face Llama directory as open models ship: config.json, model.safetensors and
+    the model's own tokenizer.json (byte-level BPE with Llama 3's BOS/EOS tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory = tmp_path_factory.mktemp("llama")
+    hf_tokenizer = Tokenizer(models.BPE())
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf_tokenizer.train_from_iterator(["the king and the queen of the night"] * 50, trainer)
+    hf_tokenizer.save(str(directory / "tokenizer.json"))
+    config = transformers.LlamaConfig(
+        vocab_size=hf_tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+LLAMA_FLAGS = [
+    *(
+        f"--config.model.{k}={v}"
+        for k, v in dict(
+            d_model=64,
+            d_ff=128,
+            num_heads=4,
+            num_kv_heads=2,
+            max_len=32,
+            positions="rope",
+            activation="swiglu",
+            norm_type="rmsnorm",
+            norm_epsilon=1e-5,
+            use_bias=False,
+            tie_embeddings=False,
+        ).items()
+    ),  # fmt: skip
+    "--config.data.tokenizer=hf",
+]
+
+
+@pytest.mark.slow
+def test_llama_directory_finetunes_with_its_tokenizer_and_samples(llama_checkpoint, tmp_path):
+    from transformer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(llama_checkpoint)
+    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id) == ("hf", 0, 1)
+    workdir = str(tmp_path / "ft")
+    train(
+        workdir,
+        *LLAMA_FLAGS,
+        f"--config.data.tokenizer_path={llama_checkpoint}",
+        f"--config.checkpoint.init_from={llama_checkpoint}",
+        "--config.train.num_steps=5",
+    )
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert first["step"] == 5 and np.isfinite(first["train_loss"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "transformer.sample", f"--workdir={workdir}", "--prompt=the king"]
+        + ["--max_new_tokens=5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("the king"), proc.stderr[-2000:]
+    # The run's tokenizer is the model's own.
+    assert Tokenizer.load(workdir).to_json() == tokenizer.to_json()

@@ -115,3 +115,31 @@ def test_padded_vocab_size(bpe: Tokenizer) -> None:
     # No input produces an id at or beyond vocab_size, so padded rows are never targets.
     for tok in (char, bpe):
         assert max(tok.encode(GERMAN + UNSEEN + "abc")) < tok.vocab_size
+
+
+@pytest.mark.parametrize(
+    "bos, eos",
+    [("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>")],  # Llama 3; Llama 2, Mistral
+)
+def test_a_pretrained_models_tokenizer_json_keeps_its_special_ids(tmp_path, bos, eos) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unused>", bos, eos])
+    hf.train_from_iterator([GERMAN] * 10, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)  # a model directory holding tokenizer.json
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id) == ("hf", 1, 2, None)
+    assert tok.decode(tok.encode(GERMAN)) == GERMAN
+    assert bos not in tok.decode([tok.bos_id, *tok.encode("Hi"), tok.eos_id])
+    # data.tokenizer=hf reads it from data.tokenizer_path; without one the config says so.
+    assert DataConfig(tokenizer="hf", tokenizer_path=str(tmp_path)).tokenizer == "hf"
+    with pytest.raises(ValueError, match="data.tokenizer_path"):
+        DataConfig(tokenizer="hf")
+    # A tokenizer with no BOS/EOS this library knows is refused, naming the ones it knows.
+    hf = HFTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(DataError, match="<s> and </s>"):
+        Tokenizer(hf)

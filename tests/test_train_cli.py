@@ -178,3 +178,28 @@ def test_sample_command_continues_a_prompt(straight_run):
     assert lines[0::2] == ["--- sample 1 ---", "--- sample 2 ---"]
     greedy = lines[1::2]  # temperature 0: the same continuation twice, 8 tokens after the prompt
     assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:") and len(greedy[0]) == 14
+
+
+# Configs that need a path of the user's (the message names the field to set).
+NEEDS_A_PATH = {"smollm_finetune.py": "data.tokenizer_path"}
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
+)
+def test_every_shipped_config_is_valid(name):
+    import importlib.util
+
+    from transformer.config import ConfigError
+    from transformer.run_config import RunConfig
+
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if name in NEEDS_A_PATH:
+        with pytest.raises(ConfigError, match=NEEDS_A_PATH[name]):
+            RunConfig.from_any(config)
+        return
+    model_cfg = RunConfig.from_any(config).model_config(65)
+    assert model_cfg.max_len >= config.data.seq_len

@@ -163,12 +163,13 @@ def _training_texts(data_cfg: DataConfig, corpus: Corpus, units: dict | None) ->
 def _resolve_tokenizer(
     data_cfg: DataConfig, corpus: Corpus, units: dict | None, saved: Path | None
 ) -> Tokenizer:
-    """The tokenizer at `saved` if there is one, else GPT-2's or one trained on the training
-    text (then written to `saved`)."""
+    """The tokenizer at `saved` if there is one, else GPT-2's, a pretrained model's or one
+    trained on the training text (then written to `saved`)."""
     kind = data_cfg.tokenizer
     if saved is not None and saved.is_file():
         tokenizer = Tokenizer.load(saved)
-        if tokenizer.kind != kind:
+        # A pretrained tokenizer.json may be GPT-2's own: data.tokenizer=hf accepts it too.
+        if tokenizer.kind != kind and not (kind == "hf" and tokenizer.kind == "gpt2"):
             raise DataError(
                 f"{saved} is a {tokenizer.kind} tokenizer but data.tokenizer={kind!r}; use a "
                 "new workdir or the matching data.tokenizer."
@@ -180,9 +181,11 @@ def _resolve_tokenizer(
         tokenizer = Tokenizer.train_bpe(
             _training_texts(data_cfg, corpus, units), data_cfg.vocab_size
         )
-    else:  # gpt2 (DataConfig allows no other)
+    elif kind == "gpt2":
         directory = Path(data_cfg.gpt2_vocab).expanduser()
         tokenizer = Tokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
+    else:  # hf (DataConfig allows no other): a pretrained model's own tokenizer.json
+        tokenizer = Tokenizer.load(Path(data_cfg.tokenizer_path).expanduser())
     if saved is not None:
         tokenizer.save(saved)
     return tokenizer

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformer.config import ConfigError, ModelConfig, padded_vocab_size
 
-TOKENIZERS = ("char", "bpe", "gpt2")
+TOKENIZERS = ("char", "bpe", "gpt2", "hf")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -39,11 +39,12 @@ def _one_of(value: Any, allowed: tuple[str, ...]) -> tuple[bool, str]:
 class DataConfig:
     corpus: str = "shakespeare"  # shakespeare | bible_en_de | text|jsonl|parquet|tsv:GLOB | hf:DIR
     eval_corpus: str = ""  # held-out files of the same kind; '' = the last ~10% of corpus
-    tokenizer: str = "char"  # char | bpe | gpt2 (from data.gpt2_vocab)
+    tokenizer: str = "char"  # char | bpe | gpt2 (data.gpt2_vocab) | hf (data.tokenizer_path)
     vocab_size: int = 4096  # BPE target size (ignored for char and gpt2)
     seq_len: int = 256  # LM context; for translation the source and target max length
     text_field: str = "text"  # field (jsonl) or column (parquet, hf) holding the text
     gpt2_vocab: str = ""  # directory with vocab.json + merges.txt for tokenizer=gpt2
+    tokenizer_path: str = ""  # tokenizer=hf: a model directory's tokenizer.json (or the file)
     cache_dir: str = ""  # tokenised corpora and downloads; '' = $TRANSFORMER_DATA_CACHE
     shard_mb: float = 64.0  # input MB per token shard (the unit of `transformer.prepare` work)
     tokenizer_sample_mb: float = 100.0  # char/bpe tokenizers learn from this much training text
@@ -54,6 +55,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         ok, choices = _one_of(self.tokenizer, TOKENIZERS)
         gpt2_dir = os.path.expanduser(self.gpt2_vocab)
+        hf_path = os.path.expanduser(self.tokenizer_path)
+        if os.path.isdir(hf_path):
+            hf_path = os.path.join(hf_path, "tokenizer.json")
         _check(
             "data",
             self,
@@ -70,6 +74,13 @@ class DataConfig:
                     self.tokenizer != "gpt2" or os.path.isdir(gpt2_dir),
                     "tokenizer=gpt2 needs the directory holding GPT-2's vocab.json and "
                     "merges.txt; pass --config.data.gpt2_vocab=DIR",
+                ),
+                (
+                    "tokenizer_path",
+                    self.tokenizer != "hf" or os.path.isfile(hf_path),
+                    "tokenizer=hf needs a tokenizer.json, or the model directory holding one "
+                    "(e.g. the checkpoint.init_from directory); pass "
+                    "--config.data.tokenizer_path=DIR",
                 ),
             ],
         )

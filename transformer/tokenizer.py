@@ -1,15 +1,16 @@
-"""Tokenizers on Hugging Face `tokenizers`: character level, byte-level BPE and GPT-2's vocabulary.
+"""Tokenizers on Hugging Face `tokenizers`: character level, byte-level BPE, GPT-2's vocabulary
+and the `tokenizer.json` of a pretrained model (Llama, Mistral, SmolLM, ...).
 
-All three kinds are one `Tokenizer` class wrapping a `tokenizers.Tokenizer`, saved as a single
+All kinds are one `Tokenizer` class wrapping a `tokenizers.Tokenizer`, saved as a single
 `tokenizer.json`. Trained kinds share their special ids so models and batches do not care which
-one produced the tokens:
+one produced the tokens; pretrained ones keep their own:
 
-| token   | char | bpe | gpt2                    |
-| ------- | ---- | --- | ----------------------- |
-| `<pad>` | 0    | 0   | none (pad with 0, mask) |
-| `<bos>` | 1    | 1   | 50256 `<|endoftext|>`   |
-| `<eos>` | 2    | 2   | 50256 `<|endoftext|>`   |
-| `<unk>` | 3    | -   | -                       |
+| token   | char | bpe | gpt2 (and its family, e.g. SmolLM) | hf (Llama, Mistral)           |
+| ------- | ---- | --- | ---------------------------------- | ----------------------------- |
+| `<pad>` | 0    | 0   | none (pad with 0, mask)            | none (pad with 0, mask)       |
+| `<bos>` | 1    | 1   | `<|endoftext|>` (50256 in GPT-2's) | `<|begin_of_text|>` or `<s>`  |
+| `<eos>` | 2    | 2   | `<|endoftext|>` (50256 in GPT-2's) | `<|end_of_text|>` or `</s>`   |
+| `<unk>` | 3    | -   | -                                  | -                             |
 
 `encode` never adds special tokens itself; the data pipeline adds BOS/EOS where a task wants them.
 Special-token strings that occur in user text are encoded as ordinary text, so no input can forge
@@ -32,6 +33,9 @@ GPT2_EOT = "<|endoftext|>"
 CHAR_SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
 BPE_SPECIALS = (PAD, BOS, EOS)  # ids 0..2; byte-level BPE covers every byte so needs no unk
 BYTE_ALPHABET_SIZE = 256
+# (BOS, EOS) of pretrained tokenizers, by the first pair a tokenizer.json has: Llama 3, Llama 2
+# and Mistral, then <|endoftext|> (a BPE with it is the 'gpt2' kind; another model is 'hf').
+PRETRAINED_SPECIALS = (("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>"), (GPT2_EOT,) * 2)
 
 
 TOKENIZER = "tokenizer.json"  # its file name in a run directory
@@ -60,21 +64,28 @@ class Tokenizer:
     """A trained or loaded tokenizer: `encode`, `decode`, special ids and a one-file format."""
 
     def __init__(self, hf: tokenizers.Tokenizer):
-        """Wraps `hf`; the kind ('char', 'bpe' or 'gpt2') is read from its model and tokens."""
+        """Wraps `hf`; the kind ('char', 'bpe', 'gpt2' or 'hf') is read from its model and
+        tokens: 'hf' is any other tokenizer with one of `PRETRAINED_SPECIALS`' BOS/EOS pairs."""
         self.hf = hf
         # Literal "<eos>" etc. in user text stay text; only the pipeline inserts special ids.
         self.hf.encode_special_tokens = True
         model_type = type(hf.model).__name__
+        self._bos, self._eos = BOS, EOS
+        pretrained = [p for p in PRETRAINED_SPECIALS if None not in map(hf.token_to_id, p)]
         if model_type == "WordLevel" and hf.token_to_id(UNK) == 3:
             self.kind = "char"
-        elif model_type == "BPE" and hf.token_to_id(GPT2_EOT) is not None:
-            self.kind = "gpt2"
+        elif model_type == "BPE" and hf.token_to_id(GPT2_EOT) is not None:  # GPT-2's family
+            self.kind, self._bos, self._eos = "gpt2", GPT2_EOT, GPT2_EOT
         elif model_type == "BPE" and hf.token_to_id(BOS) == 1:
             self.kind = "bpe"
+        elif pretrained:
+            self.kind, (self._bos, self._eos) = "hf", pretrained[0]
         else:
+            names = ", ".join(" and ".join(pair) for pair in PRETRAINED_SPECIALS)
             raise DataError(
-                f"tokenizer with a {model_type} model and no <bos>/<|endoftext|> token is not "
-                "one this library made; train it with Tokenizer.train_char/train_bpe instead."
+                f"tokenizer with a {model_type} model has no BOS/EOS tokens this library knows "
+                f"({names}); train one with Tokenizer.train_char/train_bpe, or add the model's "
+                "BOS and EOS to its tokenizer.json as special tokens."
             )
 
     # ---------------------------------------------------------------- construction
@@ -177,13 +188,14 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        """Beginning-of-sequence id: 1, or 50256 (`<|endoftext|>`) for GPT-2."""
-        return self.hf.token_to_id(GPT2_EOT if self.kind == "gpt2" else BOS)
+        """Beginning-of-sequence id: 1, 50256 (`<|endoftext|>`) for GPT-2, the model's own for
+        'hf'."""
+        return self.hf.token_to_id(self._bos)
 
     @property
     def eos_id(self) -> int:
-        """End-of-sequence id: 2, or 50256 (`<|endoftext|>`) for GPT-2."""
-        return self.hf.token_to_id(GPT2_EOT if self.kind == "gpt2" else EOS)
+        """End-of-sequence id: 2, 50256 (`<|endoftext|>`) for GPT-2, the model's own for 'hf'."""
+        return self.hf.token_to_id(self._eos)
 
     @property
     def unk_id(self) -> int | None:
