@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transformer import ops, preset
-from transformer.layers import LayerNorm, causal_mask, segment_mask
+from transformer.layers import LayerNorm, RMSNorm, causal_mask, segment_mask
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 REFERENCE = pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
@@ -152,6 +152,44 @@ def test_layer_norm_value_and_gradient(with_bias, dtype, reference):
     for a, e in zip(ours, expected, strict=True):
         assert a.dtype == e.dtype
         assert_close(a, e, dtype)
+
+
+@REFERENCE
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rms_norm_value_and_gradient(dtype, reference):
+    rms_norm = ops.rms_norm_reference if reference else ops.rms_norm
+    x = random(0, (3, 7, 32), dtype) * 3 + 1
+    scale = random(1, (32,)) * 0.5 + 1
+    cotangent = random(3, x.shape)
+
+    def formula(x, scale):  # Zhang and Sennrich (2019), eq. 4
+        x32 = x.astype(jnp.float32)
+        return x32 / jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + 1e-6) * scale
+
+    def loss(f, *args):
+        return jnp.sum(f(*args).astype(jnp.float32) * cotangent)
+
+    assert_close(rms_norm(x, scale, 1e-6), formula(x, scale), dtype)
+    ours = jax.grad(lambda *a: loss(lambda *b: rms_norm(*b, 1e-6), *a), (0, 1))(x, scale)
+    expected = jax.grad(lambda *a: loss(formula, *a), (0, 1))(x, scale)
+    for a, e in zip(ours, expected, strict=True):
+        assert a.dtype == e.dtype
+        assert_close(a, e, dtype)
+
+
+def test_rms_norm_module_equals_flax_rms_norm():
+    x = random(0, (2, 5, 32)) * 2 + 0.5
+    ours, flax_norm = RMSNorm(epsilon=1e-5), nn.RMSNorm(epsilon=1e-5)
+    params = jax.tree.map(lambda p: p + random(1, p.shape) * 0.1, ours.init(jax.random.key(0), x))
+    assert jax.tree.structure(params) == jax.tree.structure(flax_norm.init(jax.random.key(0), x))
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    assert_close(ours.apply(params, x), flax_norm.apply(params, x), jnp.float32)
+    ours_grad = jax.grad(lambda p, x: loss(ours, p, x), (0, 1))(params, x)
+    flax_grad = jax.grad(lambda p, x: loss(flax_norm, p, x), (0, 1))(params, x)
+    jax.tree.map(lambda a, e: assert_close(a, e, jnp.float32), ours_grad, flax_grad)
 
 
 def test_layer_norm_module_equals_flax_layer_norm():

@@ -164,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         else:
             qkv, query, key, value = self._self_projections(x, positions)
             if self._use_fused_self_attention(cache_index):
-                if qkv is None:  # rotated or grouped: back to the fused layout, k heads -> n
+                if qkv is None:  # grouped: to the fused layout, each kv head repeated n / k times
                     groups = n // cfg.kv_heads
                     key, value = (jnp.repeat(a, groups, axis=2) for a in (key, value))
                     qkv = jnp.stack([query, key, value], axis=2)  # [b, t, 3, n, h]
@@ -185,8 +185,8 @@ class MultiHeadAttention(nn.Module):
         self, x: Array, positions: Array | None
     ) -> tuple[Array | None, Array, Array, Array]:
         """(fused qkv [b, t, 3, n, h] or None, queries [b, t, n, h], keys and values
-        [b, t, k, h]). The fused array is returned only when it is what attention needs as
-        projected: multi-head attention without rotary positions."""
+        [b, t, k, h]), rotated by their positions under rotary positions. The fused array is
+        returned for multi-head attention (k = n), None for grouped-query attention."""
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
         dense = dense_for(cfg)
@@ -199,31 +199,34 @@ class MultiHeadAttention(nn.Module):
                 name="qkv",
             )(x)
             qkv = nn.with_logical_constraint(qkv, QKV_AXES)  # [b, t, 3, n, h]
-            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        else:
-            qkv = None
-            query = dense(
-                features=(n, h),
-                kernel_axes=("embed", "heads", "kv"),
-                kernel_init=xavier,
-                name="query",
-            )(x)
-            kv = dense(
-                features=(2, k, h),
-                kernel_axes=("embed", None, "kv_heads", "kv"),
-                kernel_init=kernel_init(cfg, d, k * h),
-                name="key_value",
-            )(x)
-            query = nn.with_logical_constraint(query, HEADS_AXES)  # [b, t, n, h]
-            kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, t, 2, k, h]
-            key, value = kv[:, :, 0], kv[:, :, 1]
+            if cfg.positions == "rope":  # queries and keys turn, values do not
+                qkv = ops.apply_rotary(qkv, self._positions(positions), cfg.rope_theta, turned=2)
+            return qkv, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        query = dense(
+            features=(n, h),
+            kernel_axes=("embed", "heads", "kv"),
+            kernel_init=xavier,
+            name="query",
+        )(x)
+        kv = dense(
+            features=(2, k, h),
+            kernel_axes=("embed", None, "kv_heads", "kv"),
+            kernel_init=kernel_init(cfg, d, k * h),
+            name="key_value",
+        )(x)
+        query = nn.with_logical_constraint(query, HEADS_AXES)  # [b, t, n, h]
+        kv = nn.with_logical_constraint(kv, QKV_AXES)  # [b, t, 2, k, h]
         if cfg.positions == "rope":
-            if positions is None:
-                raise ValueError("rotary positions need the token positions; pass `positions`")
+            positions = self._positions(positions)
             query = ops.apply_rotary(query, positions, cfg.rope_theta)
-            key = ops.apply_rotary(key, positions, cfg.rope_theta)
-            qkv = None
-        return qkv, query, key, value
+            kv = ops.apply_rotary(kv, positions, cfg.rope_theta, turned=1)
+        return None, query, kv[:, :, 0], kv[:, :, 1]
+
+    @staticmethod
+    def _positions(positions: Array | None) -> Array:
+        if positions is None:
+            raise ValueError("rotary positions need the token positions; pass `positions`")
+        return positions
 
     def _use_fused_self_attention(self, cache_index: Array | None) -> bool:
         """Training and scoring take `ops.self_attention` (the same result for every query
@@ -350,12 +353,27 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a hand-written backward pass (`ops.rms_norm`); the same
+    parameter (`scale`) and numerics as `nn.RMSNorm`."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32  # the output's
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
+        return ops.rms_norm(x, scale, self.epsilon).astype(self.dtype)
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The configured norm over d_model, its parameters named on the `embed` axis."""
     numerics = dict(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
     scale_init = with_axes(nn.initializers.ones, "embed")
     if cfg.norm_type == "rmsnorm":
-        return nn.RMSNorm(**numerics, scale_init=scale_init, name=name)
+        return RMSNorm(**numerics, scale_init=scale_init, name=name)
     bias_init = with_axes(nn.initializers.zeros, "embed")
     return LayerNorm(
         **numerics, use_bias=cfg.use_bias, scale_init=scale_init, bias_init=bias_init, name=name

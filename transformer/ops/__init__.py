@@ -9,6 +9,7 @@ names, so choosing between a kernel and its reference (per platform, say) stays 
   self_attention   softmax(Q K^T / sqrt(d_k)) V from fused projections [b, t, 3, n, h]
   matmul           x [..., *in] . W [*in, *out]
   layer_norm       (x - mean) / sqrt(var + eps) * scale + bias over the last axis
+  rms_norm         x / sqrt(mean(x^2) + eps) * scale over the last axis
   gelu             GELU, tanh approximation
   dot_product_attention   the plain formula over separate q, k, v; returns the weights too,
                           or calls `jax.nn.dot_product_attention` (XLA, cuDNN)
@@ -25,7 +26,7 @@ from transformer.ops.attention import (
 )
 from transformer.ops.dense import matmul, matmul_reference
 from transformer.ops.loss import chunked_cross_entropy
-from transformer.ops.norms import layer_norm, layer_norm_reference
+from transformer.ops.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from transformer.ops.rotary import apply_rotary, rotary_frequencies
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "matmul",
     "matmul_reference",
     "query_blocks",
+    "rms_norm",
+    "rms_norm_reference",
     "rotary_frequencies",
     "self_attention",
     "self_attention_reference",
