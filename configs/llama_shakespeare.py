@@ -10,12 +10,22 @@ grouped-query attention (6 query heads over 2 key/value heads: a third of the KV
 biases. Character-level Shakespeare, 1700 steps of 16 x 128 characters on a CPU.
 """
 
+import importlib.util
+from pathlib import Path
+
 from transformer.config import PRESETS
-from transformer.run_config import base_config
+
+
+def _default_config():
+    path = Path(__file__).with_name("default.py")
+    spec = importlib.util.spec_from_file_location("default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config():
-    config = base_config()
+    config = _default_config()  # the same data, steps, batch and schedule
     config.model.update(PRESETS["smollm_135m"])  # rotary, SwiGLU, RMSNorm, GQA, tied, no biases
     config.model.update(
         vocab_size=0,  # from the tokenizer (about 65 characters), padded to 64
@@ -26,18 +36,4 @@ def get_config():
         d_ff=512,  # 2/3 of 4 x 192, rounded: the FFN has the GPT-2-style default's parameters
         max_len=128,
     )
-    config.data.corpus = "shakespeare"
-    config.data.tokenizer = "char"
-    config.data.seq_len = 128
-    config.train.num_steps = 1700
-    config.train.batch_size = 16
-    config.train.learning_rate = 2e-3
-    config.train.min_learning_rate = 2e-4
-    config.train.warmup_steps = 100
-    config.train.weight_decay = 0.1
-    config.train.b2 = 0.99
-    config.train.log_every_steps = 100
-    config.train.eval_every_steps = 500
-    config.train.eval_batches = 40
-    config.checkpoint.every_steps = 500
     return config
