@@ -14,13 +14,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from transformer.ops import KERNEL_CHOICES
+
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 NORM_POSITIONS = ("post", "pre")
 NORM_TYPES = ("layernorm", "rmsnorm")
 POSITIONS = ("sinusoidal", "learned", "rope")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 
 
 class ConfigError(ValueError):
@@ -55,7 +57,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = False  # nn.scan over layers: one compiled layer, stacked parameters
     remat_policy: str = "none"  # rematerialisation: none | full | dots | dots_with_no_batch_dims
-    attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn
+    attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn | auto
+    kernels: str = "auto"  # hot ops: auto (per platform) | reference (autodiff) | cpu (tuned)
     loss_chunk_len: int = 0  # loss over this many positions at a time (no [b,t,v] logits); 0=all
 
     def __post_init__(self) -> None:
@@ -117,6 +120,7 @@ class ModelConfig:
             "param_dtype": DTYPES,
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,
+            "kernels": KERNEL_CHOICES,
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")

@@ -17,6 +17,7 @@ RUNTIME_MODEL_FIELDS = (
     "scan_layers",
     "remat_policy",
     "attention_impl",
+    "kernels",
     "dropout_rate",
     "attention_dropout_rate",
     "loss_chunk_len",

@@ -88,6 +88,7 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32  # the computation's
     param_dtype: Any = jnp.float32  # the stored parameters'
+    kernels: str = "auto"  # `ops.kernels`: auto | reference | cpu
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -101,7 +102,8 @@ class Dense(nn.Module):
             )
         init = with_axes(self.kernel_init, *self.kernel_axes)
         kernel = self.param("kernel", init, shape, self.param_dtype)  # [*in, *features]
-        y = ops.matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        matmul = ops.kernels(self.kernels).matmul
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.use_bias:
             bias_init = with_axes(nn.initializers.zeros, *self.kernel_axes[n_in:])
             bias = self.param("bias", bias_init, features, self.param_dtype)
@@ -110,9 +112,13 @@ class Dense(nn.Module):
 
 
 def dense_for(cfg: ModelConfig) -> Callable[..., Dense]:
-    """`Dense` with the model's bias choice and dtypes bound."""
+    """`Dense` with the model's bias choice, dtypes and kernels bound."""
     return functools.partial(
-        Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
+        Dense,
+        use_bias=cfg.use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernels=cfg.kernels,
     )
 
 
@@ -163,16 +169,17 @@ class MultiHeadAttention(nn.Module):
             out = self._dot_product_attention(query, key, value, mask)
         else:
             qkv, query, key, value = self._self_projections(x, positions)
-            if self._use_fused_self_attention(cache_index):
+            fused = ops.kernels(cfg.kernels).self_attention
+            if fused is not None and self._use_fused_self_attention(cache_index):
                 if qkv is None:  # grouped: to the fused layout, each kv head repeated n / k times
                     groups = n // cfg.kv_heads
                     key, value = (jnp.repeat(a, groups, axis=2) for a in (key, value))
                     qkv = jnp.stack([query, key, value], axis=2)  # [b, t, 3, n, h]
-                out = ops.self_attention(qkv, mask, self.causal and mask is not None)
+                out = fused(qkv, mask, self.causal and mask is not None)
             else:
                 if cache_index is not None:
                     key, value = self._append_to_cache(key, value, cache_index)
-                out = self._dot_product_attention(query, key, value, mask)
+                out = self._dot_product_attention(query, key, value, mask, cache_index)
         return dense(
             features=d,
             kernel_axes=("heads", "kv", "embed"),
@@ -229,10 +236,11 @@ class MultiHeadAttention(nn.Module):
         return positions
 
     def _use_fused_self_attention(self, cache_index: Array | None) -> bool:
-        """Training and scoring take `ops.self_attention` (the same result for every query
-        that sees a key, and a faster backward pass). The plain `ops.dot_product_attention`
-        takes the rest: decoding into the cache, dropout on the weights, the `jax.nn` kernels
-        (`attention_impl` 'xla' or 'cudnn'), and a caller who wants the weights.
+        """Under the 'cpu' kernels, training and scoring take `ops.self_attention` (the same
+        result for every query that sees a key, and a faster backward pass). The plain
+        `ops.dot_product_attention` takes the rest: decoding into the cache, dropout on the
+        weights, the `jax.nn` kernels (`attention_impl` other than 'einsum'), and a caller who
+        wants the weights.
 
         A caller asks for the weights the Flax way, `apply(..., mutable=['intermediates'])`, and
         the layer reads that from its scope: the fused op never forms the weights, and a module
@@ -240,13 +248,38 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         return (
             cache_index is None
-            and cfg.attention_impl == "einsum"
+            and self._attention_impl(cache_index) == "einsum"
             and (self.deterministic or cfg.attention_dropout_rate == 0)
             and not self.is_mutable_collection("intermediates")
         )
 
+    def _attention_impl(self, cache_index: Array | None) -> str:
+        """`attention_impl`, with 'auto' resolved: cuDNN's fused attention for self-attention on
+        a GPU in bfloat16 or float16 when nothing needs the weights (no dropout on them in
+        training, not decoding, not inspected) and heads are at most 128 wide in multiples of
+        8 (cuDNN's limits); the explicit formula ('einsum') otherwise."""
+        cfg = self.config
+        if cfg.attention_impl != "auto":
+            return cfg.attention_impl
+        cudnn = (
+            jax.default_backend() == "gpu"
+            and not self.cross
+            and cache_index is None
+            and cfg.compute_dtype in (jnp.bfloat16, jnp.float16)
+            and cfg.head_dim % 8 == 0
+            and cfg.head_dim <= 128
+            and (self.deterministic or cfg.attention_dropout_rate == 0)
+            and not self.is_mutable_collection("intermediates")
+        )
+        return "cudnn" if cudnn else "einsum"
+
     def _dot_product_attention(
-        self, query: Array, key: Array, value: Array, mask: Array | None
+        self,
+        query: Array,
+        key: Array,
+        value: Array,
+        mask: Array | None,
+        cache_index: Array | None = None,
     ) -> Array:
         """[b, t, n, h] from queries [b, t, n, h] over keys and values [b, s, n, h], with dropout
         on the weights in training; the weights are sown as 'attention_weights'."""
@@ -261,7 +294,7 @@ class MultiHeadAttention(nn.Module):
             mask,
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
-            impl=cfg.attention_impl,
+            impl=self._attention_impl(cache_index),
         )
         if weights is not None:  # 'einsum' only; kept only if 'intermediates' is mutable
             self.sow("intermediates", "attention_weights", weights)
@@ -324,24 +357,27 @@ class FeedForward(nn.Module):
         wi = functools.partial(dense, features=f, kernel_axes=("embed", "mlp"), kernel_init=wi_init)
         if cfg.gated_ffn:
             gate = wi(name="wi_gate")(x)
-            gate = jax.nn.silu(gate) if cfg.activation == "swiglu" else ops.gelu(gate)
+            gelu = ops.kernels(cfg.kernels).gelu
+            gate = jax.nn.silu(gate) if cfg.activation == "swiglu" else gelu(gate)
             x = gate * wi(name="wi_up")(x)
         else:
             x = wi(name="wi")(x)
             # GPT-2 uses the tanh approximation of GELU (`ops.gelu`).
-            x = jax.nn.relu(x) if cfg.activation == "relu" else ops.gelu(x)
+            x = jax.nn.relu(x) if cfg.activation == "relu" else ops.kernels(cfg.kernels).gelu(x)
         x = nn.with_logical_constraint(x, HIDDEN_AXES)  # [b, t, f], split over f under TP
         return dense(features=d, kernel_axes=("mlp", "embed"), kernel_init=wo_init, name="wo")(x)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with a hand-written backward pass (`ops.layer_norm`); the
-    same parameters (`scale`, `bias`) and numerics as `nn.LayerNorm(use_fast_variance=False)`."""
+    """LayerNorm over the last axis (`ops.layer_norm`, with a hand-written backward pass under
+    the 'cpu' kernels); the same parameters (`scale`, `bias`) and numerics as
+    `nn.LayerNorm(use_fast_variance=False)`."""
 
     epsilon: float = 1e-6
     use_bias: bool = True
     dtype: Any = jnp.float32  # the output's
     param_dtype: Any = jnp.float32
+    kernels: str = "auto"  # `ops.kernels`: auto | reference | cpu
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
 
@@ -350,27 +386,34 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", self.scale_init, (d,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
-        return ops.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+        layer_norm = ops.kernels(self.kernels).layer_norm
+        return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last axis with a hand-written backward pass (`ops.rms_norm`); the same
-    parameter (`scale`) and numerics as `nn.RMSNorm`."""
+    """RMSNorm over the last axis (`ops.rms_norm`, with a hand-written backward pass under the
+    'cpu' kernels); the same parameter (`scale`) and numerics as `nn.RMSNorm`."""
 
     epsilon: float = 1e-6
     dtype: Any = jnp.float32  # the output's
     param_dtype: Any = jnp.float32
+    kernels: str = "auto"  # `ops.kernels`: auto | reference | cpu
     scale_init: Initializer = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
-        return ops.rms_norm(x, scale, self.epsilon).astype(self.dtype)
+        return ops.kernels(self.kernels).rms_norm(x, scale, self.epsilon).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The configured norm over d_model, its parameters named on the `embed` axis."""
-    numerics = dict(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    numerics = dict(
+        epsilon=cfg.norm_epsilon,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernels=cfg.kernels,
+    )
     scale_init = with_axes(nn.initializers.ones, "embed")
     if cfg.norm_type == "rmsnorm":
         return RMSNorm(**numerics, scale_init=scale_init, name=name)

@@ -4,7 +4,16 @@ config. Shapes use the legend at the top of `transformer/layers.py`.
 Each kernel with a hand-written backward pass has a `*_reference` twin with the same signature
 and forward formula, differentiated by JAX; `tests/test_custom_gradients.py` checks both against
 autodiff of the formula written out there. The layers call kernels only through this package's
-names, so choosing between a kernel and its reference (per platform, say) stays a change here.
+names, and choose between a kernel and its reference with `kernels(choice)`: the config field
+`model.kernels` is that choice.
+
+  auto        per platform, as measured: 'cpu' on CPUs, 'reference' on GPUs and TPUs
+  cpu         the hand-written backward passes below, tuned for XLA's CPU backend: on two cores
+              they took the GPT step from below `transformers`+torch to 1.03-1.87x of it
+              (`benchmarks/train_throughput.py`, README)
+  reference   plain formulas differentiated by JAX, which leaves XLA's GPU and TPU compilers
+              free to fuse bias and activation epilogues into the products and to choose
+              layouts; `benchmarks/gpu_check.sh` measures both sets on a GPU
 
   self_attention   softmax(Q K^T / sqrt(d_k)) V from fused projections [b, t, 3, n, h]
   matmul           x [..., *in] . W [*in, *out]
@@ -16,6 +25,13 @@ names, so choosing between a kernel and its reference (per platform, say) stays 
   chunked_cross_entropy   output projection + cross-entropy a chunk of positions at a time
   apply_rotary     rotary position embedding of queries or keys (RoFormer, Llama)
 """
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
 
 from transformer.ops.activations import gelu, gelu_reference
 from transformer.ops.attention import (
@@ -29,12 +45,54 @@ from transformer.ops.loss import chunked_cross_entropy
 from transformer.ops.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from transformer.ops.rotary import apply_rotary, rotary_frequencies
 
+KERNEL_CHOICES = ("auto", "reference", "cpu")
+AUTO_KERNELS = {"cpu": "cpu"}  # platform -> kernel set; every other platform: 'reference'
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One implementation of each hot op; the sets share signatures and forward formulas."""
+
+    name: str
+    matmul: Callable[..., jax.Array]
+    layer_norm: Callable[..., jax.Array]
+    rms_norm: Callable[..., jax.Array]
+    gelu: Callable[[jax.Array], jax.Array]
+    # Fused self-attention over qkv [b, t, 3, n, h] for training and scoring, or None: the
+    # layer then takes the plain `dot_product_attention` over q, k, v.
+    self_attention: Callable[..., jax.Array] | None
+
+
+CPU_KERNELS = Kernels("cpu", matmul, layer_norm, rms_norm, gelu, self_attention)
+REFERENCE_KERNELS = Kernels(
+    "reference", matmul_reference, layer_norm_reference, rms_norm_reference, gelu_reference, None
+)
+
+
+def kernels(choice: str = "auto", platform: str | None = None) -> Kernels:
+    """The kernel set `choice` names; 'auto' picks by `platform` (default: JAX's default
+    backend, the one `jax.jit` compiles for)."""
+    if choice == "auto":
+        choice = AUTO_KERNELS.get(platform or jax.default_backend(), "reference")
+    if choice == "cpu":
+        return CPU_KERNELS
+    if choice == "reference":
+        return REFERENCE_KERNELS
+    raise ValueError(f"unknown kernel set {choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+
+
 __all__ = [
+    "AUTO_KERNELS",
+    "CPU_KERNELS",
+    "KERNEL_CHOICES",
+    "REFERENCE_KERNELS",
+    "Kernels",
     "apply_rotary",
     "chunked_cross_entropy",
     "dot_product_attention",
     "gelu",
     "gelu_reference",
+    "kernels",
     "layer_norm",
     "layer_norm_reference",
     "matmul",
