@@ -7,6 +7,15 @@ Trains a 50k BPE on the corpus (or use --config.data.tokenizer=gpt2
 --config.data.gpt2_vocab=DIR with GPT-2's vocab.json + merges.txt, and fine-tune from
 Hugging Face weights with --config.checkpoint.init_from=HF_DIR). Batch 480 x 1024 tokens per
 step (about 0.5M, as GPT-2) through gradient accumulation; change mesh.* to shard it.
+
+The speed settings are the fastest measured on one GPU (an H200; `bash benchmarks/gpu_check.sh`
+prints tokens/s and peak memory, README): micro-batches of 16 x 1024, no rematerialisation,
+layers unrolled. On one device with cuDNN attention we estimate about 20 GB (activations 5 GB, float32
+logits and their gradient about 9 GB, parameters and AdamW state 2 GB); without it the
+[b, n, t, t] attention scores add a few GB per layer. `kernels` and `attention_impl` 'auto'
+take XLA-fused reference ops and cuDNN attention on a GPU and the hand-written kernels on a CPU.
+Short of memory: --config.model.remat_policy=dots_with_no_batch_dims,
+--config.model.loss_chunk_len=128, or fewer sequences per micro-batch.
 """
 
 from transformer.config import PRESETS
@@ -19,8 +28,13 @@ def get_config():
     config.model.update(
         vocab_size=0,  # tokenizer size padded to a multiple of 64 (50257 -> 50304)
         dtype="bfloat16",
-        scan_layers=True,  # one compiled layer: a third of the compile time
-        remat_policy="dots_with_no_batch_dims",
+        # Unrolled: 7% more tokens/s than nn.scan on an H200, for a longer compile (one layer
+        # per layer; benchmarks/compile_time.py); no remat: 5% more than remat of the dots.
+        scan_layers=False,
+        remat_policy="none",
+        attention_impl="auto",  # cuDNN's fused attention on a GPU
+        attention_dropout_rate=0.0,  # what cuDNN allows; pretraining on a large corpus needs none
+        kernels="auto",
     )
     config.data.corpus = "shakespeare"  # replace with text:GLOB or jsonl:GLOB
     config.data.tokenizer = "bpe"
@@ -28,7 +42,7 @@ def get_config():
     config.data.seq_len = 1024
     config.train.num_steps = 600000
     config.train.batch_size = 480
-    config.train.grad_accum_steps = 40  # 12 sequences per micro-batch; fewer on bigger meshes
+    config.train.grad_accum_steps = 30  # 16 sequences per micro-batch; fewer on bigger meshes
     config.train.learning_rate = 6e-4
     config.train.min_learning_rate = 6e-5
     config.train.warmup_steps = 2000
