@@ -107,6 +107,50 @@ def peak_host_memory_bytes() -> int:
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
+def limit_jax_gpu_memory(fraction: float) -> str | None:
+    """Let JAX's GPU allocator take `fraction` of each GPU's memory instead of its default 75%
+    (taken at start): less, to leave room for torch in the same process; more, to fit the
+    largest model. Only takes effect before JAX first touches the GPU, and keeps a fraction the
+    caller already set. Returns the variable it set, or None. jaxlib reads
+    XLA_CLIENT_MEM_FRACTION, or on older versions XLA_PYTHON_CLIENT_MEM_FRACTION (setting both
+    is an error), so the name is taken from the installed jaxlib."""
+    names = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if any(os.environ.get(name) for name in names):
+        return None
+    name = names[1]
+    try:
+        import inspect
+
+        from jax._src.lib import xla_client
+
+        if names[0] in inspect.getsource(xla_client.generate_pjrt_gpu_plugin_options):
+            name = names[0]
+    except Exception:  # noqa: BLE001 - a private module; the older name still works
+        pass
+    os.environ[name] = f"{fraction:.2f}"
+    return name
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether an exception (or a process's stderr) is XLA or torch running out of memory."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def short_error(error: BaseException) -> str:
+    """An exception as one line for a report: its type and first lines, at most 400 chars."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:3])}"[:400]
+
+
+def device_memory_limit_bytes() -> int | None:
+    """What JAX's allocator may hold on the first local device (None on CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
 def device_peak_memory_bytes() -> int | None:
     import jax
 
@@ -140,6 +184,18 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def format_count(n: float) -> str:
+    """A parameter count for a table: 1.56B, 124M, 0.20M."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:,.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+
+
+def format_bytes(n: float) -> str:
+    """A memory size for a table: 12.3 GiB, 456 MiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
 def write_json(path: Path | None, results: dict[str, Any]) -> None:

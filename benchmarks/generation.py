@@ -1,15 +1,22 @@
-"""Sampling speed of the default GPT: KV-cached decoding vs recomputing the whole sequence each
-step, and vs Hugging Face `transformers` GPT2LMHeadModel.generate on torch CPU.
+"""Sampling speed of a GPT: KV-cached decoding vs recomputing the whole sequence each step, and
+vs Hugging Face `transformers` GPT2LMHeadModel.generate with torch, in the same run.
 
     python benchmarks/generation.py                    # configs/default.py shapes, 512 new tokens
     python benchmarks/generation.py --json out.json    # also write the numbers as JSON
+    python benchmarks/generation.py --config configs/gpt2_small.py --vocab 50257 --batch 16 \\
+        --set model.param_dtype=bfloat16 --cache-implementation static --no-recompute
 
 All three decode greedily from the same prompt with randomly initialised weights of the same
 shapes (speed does not depend on the values). Ours runs the whole sampling loop in one jitted
 `lax.while_loop` over a KV cache (`transformer.decode.sample` over `gpt_tokens_to_logits`). The
 no-cache baseline is a plain Python loop calling the jitted full forward pass on the growing
-sequence, padded to its final length so that it compiles once. The reference is
-`GPT2LMHeadModel.generate(use_cache=True, do_sample=False)` with as many torch threads as cores.
+sequence, padded to its final length so that it compiles once (`--no-recompute` skips it).
+
+The reference is `GPT2LMHeadModel.generate(do_sample=False)` where JAX runs
+(`--reference-device`): on the CPU in float32 with as many torch threads as cores; on CUDA in
+the compute dtype of our model (bfloat16 for gpt2_small). `--cache-implementation static` gives
+it a preallocated KV cache, with which `transformers` compiles the decoding step on CUDA
+(`torch.compile`); if that compile fails, it decodes eagerly and the report says why.
 """
 
 from __future__ import annotations
@@ -42,6 +49,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--batch", type=int, default=1, help="sequences generated together")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.param_dtype=bfloat16 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-recompute", action="store_true", help="skip the recompute-everything baseline"
+    )
+    parser.add_argument(
+        "--reference-device",
+        choices=("auto", "cpu", "cuda", "none"),
+        default="auto",
+        help="where transformers generates: auto (default) = where JAX runs (CPU or CUDA)",
+    )
+    parser.add_argument(
+        "--cache-implementation",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="the reference's KV cache: dynamic (grows; default) or static (preallocated, and "
+        "compiled by transformers on CUDA)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip transformers+torch")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
@@ -49,6 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     config = common.load_run_config(args.config)
+    common.apply_overrides(config, args.set)
     # The config's context (128 for default.py) is too short for 512 new tokens: raise max_len.
     config.model.max_len = max(config.model.max_len, args.prompt_len + args.new_tokens)
     config.model.dropout_rate = 0.0
@@ -99,30 +130,91 @@ def make_forward(cfg: ModelConfig) -> Any:
     return forward
 
 
-def hf_reference(cfg: ModelConfig, vocab: int, prompt: np.ndarray, new_tokens: int) -> Any:
-    import torch
+class HFReference:
+    """`GPT2LMHeadModel.generate`, greedy, exactly `new_tokens` tokens from `prompt`, on `device`
+    in `dtype` (float32 on the CPU; our compute dtype on CUDA), with a dynamic or static KV
+    cache. On CUDA a static cache makes `transformers` compile the decoding step; `warm_up`
+    falls back to eager decoding (`disable_compile`) if that fails, and keeps the reason."""
 
-    model = common.reference_gpt2(cfg, vocab).eval()
-    inputs = torch.from_numpy(prompt).long()
-    attention_mask = torch.ones_like(inputs)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab: int,
+        prompt: np.ndarray,
+        new_tokens: int,
+        device: str,
+        cache: str,
+    ):
+        import torch
 
-    def run() -> np.ndarray:
-        with torch.inference_mode():
-            out = model.generate(
-                inputs,
-                attention_mask=attention_mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
+        self.torch = torch
+        self.device, self.cache = device, cache
+        self.dtype = cfg.dtype if device == "cuda" else "float32"
+        model = common.reference_gpt2(cfg, vocab).eval()
+        self.model = model.to(device=device, dtype=getattr(torch, self.dtype))
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.inputs = torch.from_numpy(prompt).long().to(device)
+        self.attention_mask = torch.ones_like(self.inputs)
+        self.prompt_len, self.new_tokens = prompt.shape[1], new_tokens
+        self.compiles = device == "cuda" and cache == "static"  # transformers' own choice
+        self.compile_error: str | None = None
+
+    @property
+    def description(self) -> str:
+        how = "use_cache=True" if self.cache == "dynamic" else 'cache_implementation="static"'
+        where = f"torch {self.torch.__version__} {self.device.upper()} {self.dtype}"
+        if self.compiles:
+            where += ", decoding step compiled by transformers"
+        elif self.compile_error:
+            where += ", eager (its compile failed)"
+        return f"transformers GPT2LMHeadModel.generate({how}), {where}"
+
+    def run(self) -> np.ndarray:
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if self.cache == "static":
+            kwargs["cache_implementation"] = "static"
+            if not self.compiles:
+                kwargs["disable_compile"] = True
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                self.inputs,
+                attention_mask=self.attention_mask,
+                max_new_tokens=self.new_tokens,
+                min_new_tokens=self.new_tokens,
                 do_sample=False,
-                use_cache=True,
+                **kwargs,
             )
-        return out[:, prompt.shape[1] :].numpy()
+        return out[:, self.prompt_len :].cpu().numpy()  # waits for the device
 
-    return run, sum(p.numel() for p in model.parameters())
+    def warm_up(self) -> float:
+        """Runs (and compiles) until timings are steady; returns the seconds it took."""
+        start = time.perf_counter()
+        try:
+            self.run()
+        except Exception as error:
+            if not self.compiles:
+                raise
+            self.compile_error = common.short_error(error)
+            print(f"transformers' compiled decoding failed, decoding eagerly: {self.compile_error}")
+            self.compiles = False
+            self.run()
+        if self.device == "cuda":
+            self.run()  # CUDA graphs are recorded on a later call than the compile
+        return time.perf_counter() - start
+
+
+def reference_device(args: argparse.Namespace, platform: str) -> str | None:
+    if args.no_reference or args.reference_device == "none":
+        return None
+    if args.reference_device != "auto":
+        return args.reference_device
+    return {"cpu": "cpu", "gpu": "cuda"}.get(platform)
 
 
 def main() -> None:
     args = parse_args()
+    if not args.no_reference and args.reference_device in ("auto", "cuda"):
+        common.limit_jax_gpu_memory(0.45)  # before JAX touches a GPU: room for torch beside it
     machine = common.machine()
     cfg = model_config(args)
     params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -145,18 +237,6 @@ def main() -> None:
     cached_first = time.perf_counter() - start
     cached_times = common.time_calls(lambda: run_cached().block_until_ready(), args.repeats)
 
-    # Recomputing: compile the fixed-length forward once, then time whole generations.
-    forward = make_forward(cfg)
-    start = time.perf_counter()
-    uncached_generate(forward, params, prompt, 1, args.vocab)
-    uncached_compile = time.perf_counter() - start
-    uncached_repeats = max(1, min(args.repeats, 2))
-    uncached_times = []
-    for _ in range(uncached_repeats):
-        start = time.perf_counter()
-        uncached_tokens = uncached_generate(forward, params, prompt, n, args.vocab)
-        uncached_times.append(time.perf_counter() - start)
-
     results: dict[str, Any] = {
         "machine": machine,
         "model": {
@@ -169,6 +249,7 @@ def main() -> None:
             "max_len": cfg.max_len,
             "num_params": count_params(params),
             "dtype": cfg.dtype,
+            "param_dtype": cfg.param_dtype,
         },
         "batch": args.batch,
         "prompt_len": args.prompt_len,
@@ -177,33 +258,57 @@ def main() -> None:
             "s_median": common.median(cached_times),
             "s_min": min(cached_times),
             "first_call_s": cached_first,
+            "tokens_per_s": generated / common.median(cached_times),
         },
-        "recompute": {
+    }
+    if not args.no_recompute:
+        # Recomputing: compile the fixed-length forward once, then time whole generations.
+        forward = make_forward(cfg)
+        start = time.perf_counter()
+        uncached_generate(forward, params, prompt, 1, args.vocab)
+        uncached_compile = time.perf_counter() - start
+        uncached_times = []
+        for _ in range(max(1, min(args.repeats, 2))):
+            start = time.perf_counter()
+            uncached_tokens = uncached_generate(forward, params, prompt, n, args.vocab)
+            uncached_times.append(time.perf_counter() - start)
+        results["recompute"] = {
             "s_median": common.median(uncached_times),
             "s_min": min(uncached_times),
             "compile_s": uncached_compile,
-        },
+            "tokens_per_s": generated / common.median(uncached_times),
+        }
         # Greedy from the same weights: the two of ours must agree token for token (up to
         # float near-ties, which random weights make rare).
-        "cached_equals_recompute": float(np.mean(cached_tokens == uncached_tokens)),
-    }
-    for name in ("cached", "recompute"):
-        results[name]["tokens_per_s"] = generated / results[name]["s_median"]
-    results["cached_speedup_vs_recompute"] = (
-        results["recompute"]["s_median"] / results["cached"]["s_median"]
-    )
-    if not args.no_reference:
-        run_hf, hf_params = hf_reference(cfg, args.vocab, prompt, n)
-        run_hf()  # warm-up
-        hf_times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            hf_tokens = run_hf()
-            hf_times.append(time.perf_counter() - start)
-        assert hf_tokens.shape == (args.batch, n), hf_tokens.shape
+        results["cached_equals_recompute"] = float(np.mean(cached_tokens == uncached_tokens))
+        results["cached_speedup_vs_recompute"] = (
+            results["recompute"]["s_median"] / results["cached"]["s_median"]
+        )
+    device = reference_device(args, machine["platform"])
+    if device is not None:
+        try:
+            hf = HFReference(cfg, args.vocab, prompt, n, device, args.cache_implementation)
+            warm_up_s = hf.warm_up()
+            hf_times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                hf_tokens = hf.run()
+                hf_times.append(time.perf_counter() - start)
+            assert hf_tokens.shape == (args.batch, n), hf_tokens.shape
+        except Exception as error:  # noqa: BLE001 - ours is measured and reported regardless
+            results["reference_error"] = common.short_error(error)
+            print(f"transformers reference failed; ours alone: {results['reference_error']}")
+            device = None
+    if device is not None:
         results["reference"] = {
-            "library": "transformers GPT2LMHeadModel.generate(use_cache=True), torch CPU",
-            "num_params": hf_params,
+            "library": hf.description,
+            "device": device,
+            "dtype": hf.dtype,
+            "cache_implementation": args.cache_implementation,
+            "compiled": hf.compiles,
+            "compile_error": hf.compile_error,
+            "warm_up_s": warm_up_s,
+            "num_params": hf.num_params,
             "s_median": common.median(hf_times),
             "s_min": min(hf_times),
             "tokens_per_s": generated / common.median(hf_times),
@@ -225,26 +330,36 @@ def report(results: dict[str, Any]) -> None:
         f"batch {results['batch']}, prompt {results['prompt_len']}, "
         f"{results['new_tokens']} new tokens, greedy"
     )
-    print(f"{m['platform']}, {m['cores']} cores, jax {m['jax']}, load average {load} at start")
-    rows = [
-        ("ours, KV cache (one jitted while_loop)", results["cached"]),
-        ("ours, recompute full sequence each step", results["recompute"]),
-    ]
+    print(
+        f"{m['platform']} ({m['device_kind']}), {m['cores']} cores, jax {m['jax']}, "
+        f"load average {load} at start; ours computes in {mod['dtype']} from "
+        f"{mod['param_dtype']} parameters"
+    )
+    rows = [("ours, KV cache (one jitted while_loop)", results["cached"])]
+    if "recompute" in results:
+        rows.append(("ours, recompute full sequence each step", results["recompute"]))
     if "reference" in results:
-        rows.append(("transformers generate(use_cache=True)", results["reference"]))
+        cache = results["reference"]["cache_implementation"]
+        rows.append((f"transformers generate ({cache} cache)", results["reference"]))
     common.print_table(
         ["", "seconds (median)", "tokens/s"],
         [(name, f"{r['s_median']:.3f}", f"{r['tokens_per_s']:,.0f}") for name, r in rows],
     )
-    print(f"cached vs recompute: {results['cached_speedup_vs_recompute']:.1f}x faster")
+    if "recompute" in results:
+        print(f"cached vs recompute: {results['cached_speedup_vs_recompute']:.1f}x faster")
     if "reference" in results:
+        ref = results["reference"]
+        print(f"reference: {ref['library']}")
+        if ref["compile_error"]:
+            print(f"reference: compile failed, decoded eagerly: {ref['compile_error']}")
         print(
             f"cached vs transformers generate: {results['cached_speedup_vs_reference']:.1f}x faster"
         )
-    print(
-        f"cached tokens equal recompute tokens: {100 * results['cached_equals_recompute']:.1f}%; "
-        f"first cached call (compile + run) {results['cached']['first_call_s']:.2f} s"
-    )
+    if "recompute" in results:
+        print(
+            f"cached tokens equal recompute tokens: {100 * results['cached_equals_recompute']:.1f}%"
+        )
+    print(f"first cached call (compile + run) {results['cached']['first_call_s']:.2f} s")
     end = m.get("load_average_end")
     if end:
         print(f"load average at end: {', '.join(f'{x:.2f}' for x in end)}")

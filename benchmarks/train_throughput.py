@@ -1,14 +1,18 @@
 """Training throughput of a GPT: tokens/s, step time, compile time, memory and MFU, side by side
-with Hugging Face `transformers` GPT2LMHeadModel trained on torch CPU in the same run.
+with Hugging Face `transformers` GPT2LMHeadModel trained with torch in the same run.
 
     python benchmarks/train_throughput.py                    # 6 layers x 384, context 256, batch 8
     python benchmarks/train_throughput.py --json out.json    # also write the numbers as JSON
     python benchmarks/train_throughput.py --config configs/gpt2_small.py --vocab 50257 \\
-        --batch 8 --set model.attention_impl=cudnn --no-reference
+        --batch 16 --set model.attention_impl=cudnn --set model.attention_dropout_rate=0
 
 The default shape is a character-level GPT (vocabulary 65, float32, AdamW, no dropout). Both
 models train on the same random tokens for the same steps, in alternating blocks so that load
-from other processes hits both alike; torch uses as many threads as this process has cores.
+from other processes hits both alike. The reference runs where JAX runs (`--reference-device`):
+on the CPU in float32, eagerly, with as many torch threads as this process has cores; on a GPU
+as one would train it there: SDPA attention, bfloat16 autocast when our model computes in
+bfloat16, fused AdamW and `torch.compile` (JAX then takes at most 45% of the GPU's memory, so
+that torch has room in the same process).
 MFU counts 6N + 12 L H Q T FLOPs per token (`transformer.metrics.flops_per_token`) against a
 float32 matrix product measured in the same run and, on known accelerators, the published dense
 bfloat16 peak. On CPU, freed host memory is kept for reuse as `train.py` does
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -63,9 +68,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of timed steps")
     parser.add_argument(
-        "--no-reference",
-        action="store_true",
-        help="skip the transformers+torch reference (skipped anyway off CPU)",
+        "--reference-device",
+        choices=("auto", "cpu", "cuda", "none"),
+        default="auto",
+        help="where the transformers+torch reference trains: auto (default) = where JAX runs, "
+        "CPU or CUDA (none on other accelerators); none skips it",
+    )
+    parser.add_argument(
+        "--reference-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the reference's forward pass and loss under torch.compile; default: on CUDA "
+        "only. A compile that fails (no C++ compiler, say) falls back to eager and says why",
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the reference (--reference-device none)"
     )
     parser.add_argument(
         "--keep-host-memory",
@@ -146,45 +163,144 @@ class Ours:
         self.losses.append(float(metrics["loss_sum"] / metrics["tokens"]))  # waits for the step
 
 
-class Reference:
-    """transformers GPT2LMHeadModel, float32 on torch CPU, AdamW with the same settings."""
+def resolved_kernels(cfg: Any) -> str | None:
+    """The kernel set `model.kernels` picks on this platform (None where the library has no
+    such choice)."""
+    try:
+        from transformer import ops
 
-    def __init__(self, config: Any, model_cfg: Any, vocab: int, tokens: np.ndarray):
+        return ops.kernels(cfg.kernels).name
+    except (AttributeError, ImportError, ValueError):
+        return None
+
+
+def reference_device(choice: str, platform: str) -> tuple[str | None, str]:
+    """The torch device for the reference (or None) and, when None, why."""
+    if choice == "none":
+        return None, "not asked for"
+    if choice == "auto":
+        if platform == "cpu":
+            return "cpu", ""
+        if platform != "gpu":
+            return None, f"no torch reference on {platform}"
+        choice = "cuda"
+    if choice == "cuda":
+        try:
+            import torch
+        except ImportError:
+            return None, "torch is not installed"
+        if not torch.cuda.is_available():
+            return None, f"torch {torch.__version__} sees no CUDA device"
+    return choice, ""
+
+
+class Reference:
+    """transformers GPT2LMHeadModel of the same shape, with the same dropout, AdamW settings and
+    gradient clipping, trained on the same tokens.
+
+    On the CPU: float32, eager (unless `compile`), torch's default AdamW. On CUDA, as one would
+    train it there: SDPA attention, bfloat16 autocast when our model computes in bfloat16, the
+    fused AdamW, and (`compile`) the forward pass and loss under `torch.compile`. A compile that
+    fails at the first step falls back to eager; `compile_error` says why."""
+
+    def __init__(
+        self,
+        config: Any,
+        model_cfg: Any,
+        vocab: int,
+        tokens: np.ndarray,
+        device: str = "cpu",
+        compile: bool = False,
+    ):
         import torch
         import torch.nn.functional as F
 
         t = config.train
-        self.model = common.reference_gpt2(model_cfg, vocab).train()
+        self.torch, self.F = torch, F
+        self.device = device
+        self.model = common.reference_gpt2(model_cfg, vocab).to(device).train()
+        if device == "cuda" and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("sdpa")
         self.attention = self.model.config._attn_implementation
         self.params = list(self.model.parameters())
         self.num_params = sum(p.numel() for p in self.params)
+        self.fused_adamw = device == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=t.learning_rate,
             betas=(t.b1, t.b2),
             eps=t.eps,
             weight_decay=t.weight_decay,
+            **({"fused": True} if self.fused_adamw else {}),
         )
+        self.autocast = device == "cuda" and model_cfg.dtype == "bfloat16"
         self.grad_clip = t.grad_clip
-        self.tokens = torch.from_numpy(tokens).long()
+        self.tokens = torch.from_numpy(tokens).long().to(device)
         self.vocab = vocab
-        self.torch, self.F = torch, F
+        self.compiled = compile
+        self.compile_error: str | None = None
+        self.loss_fn = torch.compile(self._loss) if compile else self._loss
+        self.first_step_s: float | None = None
         self.losses: list[float] = []
 
-    def step(self) -> None:
+    @property
+    def description(self) -> str:
+        parts = [f"torch {self.torch.__version__} {self.device.upper()}"]
+        parts.append("bfloat16 autocast" if self.autocast else "float32")
+        parts.append(f"{self.attention} attention")
+        if self.fused_adamw:
+            parts.append("fused AdamW")
+        if self.compiled:
+            parts.append("torch.compile")
+        elif self.compile_error:
+            parts.append("eager (torch.compile failed)")
+        return "transformers GPT2LMHeadModel, " + ", ".join(parts)
+
+    def _loss(self, inputs: Any, targets: Any) -> Any:
+        with self.torch.autocast(self.device, self.torch.bfloat16, enabled=self.autocast):
+            logits = self.model(input_ids=inputs).logits
+        return self.F.cross_entropy(logits.float().reshape(-1, self.vocab), targets.reshape(-1))
+
+    def _step(self) -> None:
         inputs, targets = self.tokens[:, :-1], self.tokens[:, 1:]
-        logits = self.model(input_ids=inputs).logits
-        loss = self.F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+        loss = self.loss_fn(inputs, targets)
         loss.backward()
         if self.grad_clip > 0:
             self.torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss.detach()))
+        self.losses.append(float(loss.detach()))  # waits for the step
+
+    def step(self) -> None:
+        if self.first_step_s is not None:
+            self._step()
+            return
+        start = time.perf_counter()
+        try:
+            self._step()  # compiles, if compiling
+        except Exception as error:
+            if not self.compiled:
+                raise
+            self.compile_error = common.short_error(error)
+            print(f"torch.compile failed, the reference runs eagerly: {self.compile_error}")
+            self.compiled, self.loss_fn = False, self._loss
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step()
+        self.first_step_s = time.perf_counter() - start
+
+    def peak_memory_bytes(self) -> int | None:
+        """torch's peak allocated CUDA memory; None on the CPU (one process RSS for both)."""
+        if self.device != "cuda":
+            return None
+        return int(self.torch.cuda.max_memory_allocated())
 
 
 def main() -> None:
     args = parse_args()
+    if args.no_reference:
+        args.reference_device = "none"
+    if args.reference_device in ("auto", "cuda") and importlib.util.find_spec("torch"):
+        common.limit_jax_gpu_memory(0.45)  # before JAX touches a GPU: room for torch beside it
     keep_memory = hostmem.configure(args.keep_host_memory)
     config = build_config(args)
     batch, seq_len = config.train.batch_size, config.data.seq_len
@@ -192,7 +308,9 @@ def main() -> None:
     platform = jax.local_devices()[0].platform
     machine = common.machine()  # load average now, before this run adds to it
     machine["keep_freed_host_memory"] = keep_memory
-    run_reference = not args.no_reference and platform == "cpu"
+    ref_device, ref_skipped = reference_device(args.reference_device, platform)
+    if ref_device is None and args.reference_device != "none":
+        print(f"transformers+torch reference skipped: {ref_skipped}")
 
     ours = Ours(config, args.vocab, tokens)
     cfg = ours.model_cfg
@@ -203,11 +321,18 @@ def main() -> None:
     if memory_ours is None:
         memory_ours, memory_source = common.peak_host_memory_bytes(), "process RSS high-water"
 
-    reference = None
-    if run_reference:
-        reference = Reference(config, cfg, args.vocab, tokens)
-        for _ in range(args.warmup):
-            reference.step()
+    reference, reference_error = None, None
+    if ref_device is not None:
+        compile_ref = (
+            ref_device == "cuda" if args.reference_compile is None else args.reference_compile
+        )
+        try:
+            reference = Reference(config, cfg, args.vocab, tokens, ref_device, compile_ref)
+            for _ in range(max(args.warmup, 1)):  # the first step compiles, if compiling
+                reference.step()
+        except Exception as error:  # noqa: BLE001 - ours still gets measured and reported
+            reference, reference_error = None, common.short_error(error)
+            print(f"transformers+torch reference failed; ours alone: {reference_error}")
     rss_all = common.peak_host_memory_bytes()
 
     # Alternate blocks of steps (and the matmul peak) so that outside load affects all alike.
@@ -270,7 +395,10 @@ def main() -> None:
             "scan_layers": cfg.scan_layers,
             "remat_policy": cfg.remat_policy,
             "attention_impl": cfg.attention_impl,
+            "kernels": getattr(cfg, "kernels", None),
+            "kernels_resolved": resolved_kernels(cfg),
             "config": args.config or "default",
+            "overrides": list(args.set),
         },
         "measured_matmul_flops": measured,
         "measured_matmul_dtype": jnp.dtype(matmul_dtype).name,
@@ -283,12 +411,22 @@ def main() -> None:
             "peak_memory_source": memory_source,
         },
     }
+    if reference_error is not None:
+        results["reference_error"] = reference_error
     if reference is not None:
         results["reference"] = {
             **summary("reference", reference.num_params, reference.losses),
-            "library": "transformers GPT2LMHeadModel, torch CPU float32",
+            "library": reference.description,
+            "device": reference.device,
+            "torch": reference.torch.__version__,
             "attention": reference.attention,
+            "autocast_bfloat16": reference.autocast,
+            "fused_adamw": reference.fused_adamw,
+            "compiled": reference.compiled,
+            "compile_error": reference.compile_error,
+            "first_step_s": reference.first_step_s,
             "threads": reference.torch.get_num_threads(),
+            "peak_memory_bytes": reference.peak_memory_bytes(),
             "peak_memory_bytes_process": rss_all,
         }
         results["ratio_tokens_per_s"] = (
@@ -334,21 +472,34 @@ def report(results: dict[str, Any]) -> None:
         ("loss first -> last", f"{o['loss_first']:.3f} -> {o['loss_last']:.3f}"),
     ]
     if r is not None:
+        on_cuda = r.get("device") == "cuda"
+        memory = (
+            f"{r['peak_memory_bytes'] / 2**20:,.0f}"
+            if on_cuda and r.get("peak_memory_bytes") is not None
+            else f"{r['peak_memory_bytes_process'] / 2**20:,.0f} (both)"
+        )
+        first = r.get("first_step_s")
         ref = [
             f"{r['tokens_per_s']:,.0f}",
             f"{1e3 * r['step_s_median']:.1f}",
             f"{1e3 * r['step_s_min']:.1f}",
-            "-",
-            f"{r['peak_memory_bytes_process'] / 2**20:,.0f} (both)",
+            "-" if first is None else f"{first:.2f} (first step)",
+            memory,
             f"{r['achieved_flops_per_device'] / 1e9:,.1f}",
             mfu(r, "mfu_vs_measured_matmul"),
             mfu(r, "mfu_vs_published_peak"),
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
         ]
+        where = "CUDA" if on_cuda else f"{r['threads']} threads"
+        if r.get("compiled"):
+            where += ", compiled"
         common.print_table(
-            ["", "ours (JAX/Flax)", f"transformers+torch ({r['threads']} threads)"],
+            ["", "ours (JAX/Flax)", f"transformers+torch ({where})"],
             [(name, value, theirs) for (name, value), theirs in zip(rows, ref, strict=False)],
         )
+        print(f"reference: {r['library']}")
+        if r.get("compile_error"):
+            print(f"reference: torch.compile failed, ran eagerly: {r['compile_error']}")
     else:
         common.print_table(["", "ours (JAX/Flax)"], rows)
     print(
