@@ -455,7 +455,11 @@ def report(results: dict[str, Any]) -> None:
     measured = results["measured_matmul_flops"]
 
     def mfu(x: dict[str, Any], key: str) -> str:
-        return "n/a" if x[key] is None else f"{100 * x[key]:.1f}%"
+        if x[key] is None:
+            return "n/a"
+        if x[key] > 1.0:  # a limit measured while something else held the cores: not a limit
+            return "n/a (peak measured too low)"
+        return f"{100 * x[key]:.1f}%"
 
     rows = [
         ("tokens/s", f"{o['tokens_per_s']:,.0f}"),
