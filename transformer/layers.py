@@ -295,6 +295,9 @@ class MultiHeadAttention(nn.Module):
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
             impl=self._attention_impl(cache_index),
+            # The mask hides later keys in self-attention (not over a cache, whose queries sit
+            # at an offset): fused kernels can skip them.
+            causal=self.causal and not self.cross and cache_index is None,
         )
         if weights is not None:  # 'einsum' only; kept only if 'intermediates' is mutable
             self.sow("intermediates", "attention_weights", weights)

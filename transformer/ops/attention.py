@@ -21,6 +21,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     impl: str = "einsum",
+    causal: bool = False,
 ) -> tuple[Array, Array | None]:
     """softmax(Q K^T / sqrt(d_k)) V over heads (sec. 3.2.1), returning (output, weights).
 
@@ -29,14 +30,21 @@ def dot_product_attention(
     and value head i // (n / k). Scores and softmax are float32 whatever the compute dtype;
     masked scores are set to the most negative float32, not -inf, so a fully masked row stays
     finite. `impl` 'xla' or 'cudnn' call `jax.nn.dot_product_attention` (fused; weights are not
-    returned).
+    returned). `causal` promises that `mask` hides every key after its query (t = s, no cache
+    offset): the fused kernels are then told so (`is_causal`), and cuDNN skips the blocks of
+    keys above the diagonal instead of computing them and masking them out.
     """
     depth = query.shape[-1]
     if impl != "einsum":
         if dropout_rate > 0 and dropout_rng is not None:
             raise ValueError(f"attention_impl={impl!r} has no attention dropout; use 'einsum'")
         out = jax.nn.dot_product_attention(
-            query, key, value, mask=mask, implementation=None if impl == "xla" else impl
+            query,
+            key,
+            value,
+            mask=mask,
+            is_causal=causal,
+            implementation=None if impl == "xla" else impl,
         )
         return out, None
     # sec. 3.2.1: scale by 1/sqrt(d_k) so the softmax does not saturate for large d_k. Scaling q
