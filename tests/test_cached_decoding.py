@@ -30,8 +30,9 @@ def test_gpt_cached_logits_equal_full_forward(name, scan):
     model = GPT(cfg)
     total = 12
     params = nn.meta.unbox(
-        model.init(jax.random.key(0), jnp.zeros((1, total), jnp.int32))["params"]
+        jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, total), jnp.int32))["params"]
     )
+    forward = jax.jit(model.apply)
     lengths = [1, 3, 6]  # prompt lengths of the three rows
     seqs = [random_tokens((total,), seed) for seed in range(3)]
     prompt_len = max(lengths)
@@ -53,13 +54,13 @@ def test_gpt_cached_logits_equal_full_forward(name, scan):
             collected[row].append(logits[row, 0])
     for row in range(3):
         n = lengths[row]
-        full = model.apply({"params": params}, jnp.asarray(seqs[row][None, : n + steps]))[0]
+        full = forward({"params": params}, jnp.asarray(seqs[row][None, : n + steps]))[0]
         expected = full[n - 1 : n + steps]
         np.testing.assert_allclose(np.stack(collected[row]), expected, atol=1e-5)
         # The prefill's logits over the row's real prompt tokens match too.
     np.testing.assert_allclose(
         step_fn(jnp.asarray(prompt), gpt_init_cache(cfg, 3, prompt_len + steps, offset))[0][2],
-        model.apply({"params": params}, jnp.asarray(seqs[2][None, :6]))[0],
+        forward({"params": params}, jnp.asarray(seqs[2][None, :6]))[0],
         atol=1e-5,
     )
 

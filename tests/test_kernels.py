@@ -85,7 +85,7 @@ CONFIGS = {
 @pytest.mark.parametrize(
     "name, dtype",
     [(name, "float32") for name in sorted(CONFIGS)]
-    + [("gpt2", "bfloat16"), ("llama", "bfloat16")],  # the same ops as the encoder-decoder's
+    + [("gpt2", "bfloat16"), pytest.param("llama", "bfloat16", marks=pytest.mark.slow)],
 )
 def test_reference_and_cpu_kernels_compute_the_same_model(name, dtype):
     """Loss and every gradient agree between the two sets: to 1e-5 in float32, and to bfloat16's
