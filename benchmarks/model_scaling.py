@@ -9,8 +9,9 @@ its own, so that each has the device's memory to itself and its own peak-memory 
 process never touches the accelerator. A shape runs first with no rematerialisation
 (`model.remat_policy=none`); if that runs out of memory, it runs again with `--fallback-remat`
 (default full) and the table says so. Everything else comes from `--config` (default
-configs/gpt2_small.py: bfloat16 compute, float32 parameters and AdamW, layers under nn.scan) and
-the `--set` overrides. Measured per shape: tokens/s (median step), MFU against the chip's
+configs/gpt2_small.py: bfloat16 compute, float32 parameters and AdamW, layers unrolled) and the
+`--set` overrides (gpu_check.sh sets model.scan_layers=true, so that four shapes compile within
+its time box). Measured per shape: tokens/s (median step), MFU against the chip's
 published dense bf16 peak (`transformer.metrics.known_peak_flops`) and against a matmul measured
 in the same process, peak memory (JAX's device `peak_bytes_in_use`; the process's RSS on a
 CPU) and the compile time. JAX may take --memory-fraction of the GPU (its default is 75%).
