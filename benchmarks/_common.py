@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -70,13 +69,14 @@ def reference_gpt2(model_cfg: Any, vocab: int) -> Any:
 
 
 def load_run_config(path: str) -> Any:
-    """`get_config()` of a configs/NAME.py file."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load --config {path}; pass a configs/NAME.py file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """`get_config()` of a configs/NAME.py file; a bad path exits with one line."""
+    from transformer.config import ConfigError
+    from transformer.run_config import load_config_file
+
+    try:
+        return load_config_file(path)
+    except ConfigError as error:
+        raise SystemExit(f"--config: {error}") from None
 
 
 def apply_overrides(config: Any, overrides: Sequence[str]) -> None:

@@ -10,22 +10,15 @@ grouped-query attention (6 query heads over 2 key/value heads: a third of the KV
 biases. Character-level Shakespeare, 1700 steps of 16 x 128 characters on a CPU.
 """
 
-import importlib.util
 from pathlib import Path
 
 from transformer.config import PRESETS
-
-
-def _default_config():
-    path = Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from transformer.run_config import load_config_file
 
 
 def get_config():
-    config = _default_config()  # the same data, steps, batch and schedule
+    # The same data, steps, batch and schedule as the default.
+    config = load_config_file(Path(__file__).with_name("default.py"))
     config.model.update(PRESETS["smollm_135m"])  # rotary, SwiGLU, RMSNorm, GQA, tied, no biases
     config.model.update(
         vocab_size=0,  # from the tokenizer (about 65 characters), padded to 64

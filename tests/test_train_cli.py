@@ -188,15 +188,10 @@ NEEDS_A_PATH = {"smollm_finetune.py": "data.tokenizer_path"}
     "name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
 )
 def test_every_shipped_config_is_valid(name):
-    import importlib.util
-
     from transformer.config import ConfigError
-    from transformer.run_config import RunConfig
+    from transformer.run_config import RunConfig, load_config_file
 
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(os.path.join(ROOT, "configs", name))
     if name in NEEDS_A_PATH:
         with pytest.raises(ConfigError, match=NEEDS_A_PATH[name]):
             RunConfig.from_any(config)

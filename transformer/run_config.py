@@ -218,6 +218,20 @@ def base_config() -> Any:
     return config
 
 
+def load_config_file(path: str | os.PathLike[str]) -> Any:
+    """`get_config()` of a config file (configs/NAME.py), as `train.py --config=PATH` loads it;
+    one config can start from another: `load_config_file(Path(__file__).with_name(...))`."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None or spec.loader is None or not Path(path).is_file():
+        raise ConfigError(f"cannot load config file {str(path)!r}; pass a configs/NAME.py file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a training run is given. `model` holds the `ModelConfig` fields as a dict
