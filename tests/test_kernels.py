@@ -3,7 +3,6 @@ each set of kernels computes the same model, and 'auto' resolves per platform as
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,21 +11,8 @@ import pytest
 from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
 from transformer.layers import MultiHeadAttention
 
-
-def init(model, *args):
-    """Random parameters of the model's shapes (N(0, 0.2), norm scales near 1)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
-    leaves, tree = jax.tree.flatten(nn.meta.unbox(shapes["params"]))
-    rng = np.random.default_rng(0)
-    values = [
-        jnp.asarray(rng.normal(0.0, 0.2, leaf.shape) + (leaf.ndim == 1), leaf.dtype)
-        for leaf in leaves
-    ]
-    return jax.tree.unflatten(tree, values)
-
-
-def tokens(shape, vocab=64, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+# Random parameters of a model's shapes without running its initialiser, and random tokens.
+from test_modern_decoder import init, tokens  # isort: skip
 
 
 def test_auto_picks_the_cpu_kernels_on_cpu_and_the_references_elsewhere():

@@ -245,19 +245,23 @@ class MultiHeadAttention(nn.Module):
         A caller asks for the weights the Flax way, `apply(..., mutable=['intermediates'])`, and
         the layer reads that from its scope: the fused op never forms the weights, and a module
         field would make inspecting a trained model need a different config."""
-        cfg = self.config
         return (
             cache_index is None
             and self._attention_impl(cache_index) == "einsum"
-            and (self.deterministic or cfg.attention_dropout_rate == 0)
-            and not self.is_mutable_collection("intermediates")
+            and not self._needs_weights()
         )
+
+    def _needs_weights(self) -> bool:
+        """Whether this call needs the [b, n, t, s] attention weights formed: dropout on them in
+        training, or a caller inspecting them."""
+        dropout = not self.deterministic and self.config.attention_dropout_rate > 0
+        return dropout or self.is_mutable_collection("intermediates")
 
     def _attention_impl(self, cache_index: Array | None) -> str:
         """`attention_impl`, with 'auto' resolved: cuDNN's fused attention for self-attention on
-        a GPU in bfloat16 or float16 when nothing needs the weights (no dropout on them in
-        training, not decoding, not inspected) and heads are at most 128 wide in multiples of
-        8 (cuDNN's limits); the explicit formula ('einsum') otherwise."""
+        a GPU in bfloat16 or float16 when nothing needs the weights and nothing is decoded, with
+        heads at most 128 wide in multiples of 8 (cuDNN's limits); the explicit formula
+        ('einsum') otherwise."""
         cfg = self.config
         if cfg.attention_impl != "auto":
             return cfg.attention_impl
@@ -268,8 +272,7 @@ class MultiHeadAttention(nn.Module):
             and cfg.compute_dtype in (jnp.bfloat16, jnp.float16)
             and cfg.head_dim % 8 == 0
             and cfg.head_dim <= 128
-            and (self.deterministic or cfg.attention_dropout_rate == 0)
-            and not self.is_mutable_collection("intermediates")
+            and not self._needs_weights()
         )
         return "cudnn" if cudnn else "einsum"
 
@@ -297,7 +300,7 @@ class MultiHeadAttention(nn.Module):
             impl=self._attention_impl(cache_index),
             # The mask hides later keys in self-attention (not over a cache, whose queries sit
             # at an offset): fused kernels can skip them.
-            causal=self.causal and not self.cross and cache_index is None,
+            causal=self.causal and cache_index is None,
         )
         if weights is not None:  # 'einsum' only; kept only if 'intermediates' is mutable
             self.sow("intermediates", "attention_weights", weights)
