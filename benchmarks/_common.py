@@ -131,16 +131,47 @@ def limit_jax_gpu_memory(fraction: float) -> str | None:
     return name
 
 
+def reference_device(choice: str, platform: str) -> tuple[str | None, str]:
+    """The torch device for the reference (or None) and, when None, why."""
+    if choice == "none":
+        return None, "not asked for"
+    if choice == "auto":
+        if platform == "cpu":
+            return "cpu", ""
+        if platform != "gpu":
+            return None, f"no torch reference on {platform}"
+        choice = "cuda"
+    if choice == "cuda":
+        try:
+            import torch
+        except ImportError:
+            return None, "torch is not installed"
+        if not torch.cuda.is_available():
+            return None, f"torch {torch.__version__} sees no CUDA device"
+    return choice, ""
+
+
+def make_room_for_torch(reference_device: str) -> None:
+    """Before JAX touches a GPU: when a torch reference may share it, let JAX take 45% of it."""
+    import importlib.util
+
+    if reference_device in ("auto", "cuda") and importlib.util.find_spec("torch"):
+        limit_jax_gpu_memory(0.45)
+
+
 def is_out_of_memory(error: BaseException | str) -> bool:
-    """Whether an exception (or a process's stderr) is XLA or torch running out of memory."""
-    text = str(error)
+    """Whether an exception (or the last lines of a process's output) is XLA or torch running
+    out of memory; only the end counts, since XLA's allocator also logs harmless retries."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = "\n".join(lines[-5:]) if isinstance(error, str) else str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def short_error(error: BaseException) -> str:
-    """An exception as one line for a report: its type and first lines, at most 400 chars."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {' '.join(lines[:3])}"[:400]
+    """An exception as one line for a report: the root cause's type and first line."""
+    from transformer.checkpoint import short_error
+
+    return short_error(error, limit=400)
 
 
 def device_memory_limit_bytes() -> int | None:

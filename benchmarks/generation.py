@@ -203,18 +203,11 @@ class HFReference:
         return time.perf_counter() - start
 
 
-def reference_device(args: argparse.Namespace, platform: str) -> str | None:
-    if args.no_reference or args.reference_device == "none":
-        return None
-    if args.reference_device != "auto":
-        return args.reference_device
-    return {"cpu": "cpu", "gpu": "cuda"}.get(platform)
-
-
 def main() -> None:
     args = parse_args()
-    if not args.no_reference and args.reference_device in ("auto", "cuda"):
-        common.limit_jax_gpu_memory(0.45)  # before JAX touches a GPU: room for torch beside it
+    if args.no_reference:
+        args.reference_device = "none"
+    common.make_room_for_torch(args.reference_device)
     machine = common.machine()
     cfg = model_config(args)
     params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -284,7 +277,9 @@ def main() -> None:
         results["cached_speedup_vs_recompute"] = (
             results["recompute"]["s_median"] / results["cached"]["s_median"]
         )
-    device = reference_device(args, machine["platform"])
+    device, skipped = common.reference_device(args.reference_device, machine["platform"])
+    if device is None and args.reference_device != "none":
+        print(f"transformers reference skipped: {skipped}")
     if device is not None:
         try:
             hf = HFReference(cfg, args.vocab, prompt, n, device, args.cache_implementation)

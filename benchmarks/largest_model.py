@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import time
 from pathlib import Path
@@ -191,13 +190,14 @@ def search(args: argparse.Namespace, remat: str, capacity: float, deadline: floa
         try:
             trained = train_steps(args, layers, remat)
         except Exception as error:  # noqa: BLE001 - out of memory is what we look for
+            oom, message = common.is_out_of_memory(error), common.short_error(error)
+            trained = None  # the failed state is freed once the traceback is gone, below
+        if trained is None:
             gc.collect()
-            oom = common.is_out_of_memory(error)
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            out["attempts"].append({"layers": layers, "error": "out of memory" if oom else first})
-            print(f"  remat {remat}: {layers} layers: {'out of memory' if oom else first}")
+            out["attempts"].append({"layers": layers, "error": "out of memory" if oom else message})
+            print(f"  remat {remat}: {layers} layers: {'out of memory' if oom else message}")
             if not oom:
-                out["status"] = f"failed: {first}"
+                out["status"] = f"failed: {message}"
                 return out
             layers = min(layers - 1, math.floor(layers * args.shrink))
             continue
@@ -252,10 +252,8 @@ def main() -> None:
     }
     for remat in args.policies.split(","):
         results["policies"].append(search(args, remat, capacity, deadline))
-        if args.json:  # as it goes, so that a run cut short keeps the policies done
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        common.write_json(args.json, results)  # as it goes: a run cut short keeps what it did
     print(summary_line(results))
-    common.write_json(args.json, results)
 
 
 def summary_line(results: dict[str, Any]) -> str:

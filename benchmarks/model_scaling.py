@@ -175,10 +175,8 @@ def main() -> None:
                 break
         results["rows"].append(row)
         print(f"  {shape['name']}: {describe(row)}", flush=True)
-        if args.json:  # as it goes, so that a run cut short keeps the shapes done
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        common.write_json(args.json, results)  # as it goes: a run cut short keeps what it did
     report(results)
-    common.write_json(args.json, results)
 
 
 def describe(row: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import hostmem
+from transformer import hostmem, ops
 from transformer.config import PRESETS
 from transformer.metrics import (
     count_params,
@@ -163,37 +162,6 @@ class Ours:
         self.losses.append(float(metrics["loss_sum"] / metrics["tokens"]))  # waits for the step
 
 
-def resolved_kernels(cfg: Any) -> str | None:
-    """The kernel set `model.kernels` picks on this platform (None where the library has no
-    such choice)."""
-    try:
-        from transformer import ops
-
-        return ops.kernels(cfg.kernels).name
-    except (AttributeError, ImportError, ValueError):
-        return None
-
-
-def reference_device(choice: str, platform: str) -> tuple[str | None, str]:
-    """The torch device for the reference (or None) and, when None, why."""
-    if choice == "none":
-        return None, "not asked for"
-    if choice == "auto":
-        if platform == "cpu":
-            return "cpu", ""
-        if platform != "gpu":
-            return None, f"no torch reference on {platform}"
-        choice = "cuda"
-    if choice == "cuda":
-        try:
-            import torch
-        except ImportError:
-            return None, "torch is not installed"
-        if not torch.cuda.is_available():
-            return None, f"torch {torch.__version__} sees no CUDA device"
-    return choice, ""
-
-
 class Reference:
     """transformers GPT2LMHeadModel of the same shape, with the same dropout, AdamW settings and
     gradient clipping, trained on the same tokens.
@@ -299,8 +267,7 @@ def main() -> None:
     args = parse_args()
     if args.no_reference:
         args.reference_device = "none"
-    if args.reference_device in ("auto", "cuda") and importlib.util.find_spec("torch"):
-        common.limit_jax_gpu_memory(0.45)  # before JAX touches a GPU: room for torch beside it
+    common.make_room_for_torch(args.reference_device)
     keep_memory = hostmem.configure(args.keep_host_memory)
     config = build_config(args)
     batch, seq_len = config.train.batch_size, config.data.seq_len
@@ -308,7 +275,7 @@ def main() -> None:
     platform = jax.local_devices()[0].platform
     machine = common.machine()  # load average now, before this run adds to it
     machine["keep_freed_host_memory"] = keep_memory
-    ref_device, ref_skipped = reference_device(args.reference_device, platform)
+    ref_device, ref_skipped = common.reference_device(args.reference_device, platform)
     if ref_device is None and args.reference_device != "none":
         print(f"transformers+torch reference skipped: {ref_skipped}")
 
@@ -395,8 +362,8 @@ def main() -> None:
             "scan_layers": cfg.scan_layers,
             "remat_policy": cfg.remat_policy,
             "attention_impl": cfg.attention_impl,
-            "kernels": getattr(cfg, "kernels", None),
-            "kernels_resolved": resolved_kernels(cfg),
+            "kernels": cfg.kernels,
+            "kernels_resolved": ops.kernels(cfg.kernels).name,
             "config": args.config or "default",
             "overrides": list(args.set),
         },
