@@ -79,6 +79,12 @@ def load_run_config(path: str) -> Any:
         raise SystemExit(f"--config: {error}") from None
 
 
+def add_set_argument(parser: Any, example: str, scope: str = "any config field") -> None:
+    """The `--set KEY=VALUE` option (repeatable) that `apply_overrides` applies."""
+    help = f"override {scope}, e.g. --set {example} (repeatable)"
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def apply_overrides(config: Any, overrides: Sequence[str]) -> None:
     """KEY=VALUE pairs (`model.dtype=bfloat16`), each cast to the type of the field it sets."""
     for item in overrides:

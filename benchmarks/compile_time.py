@@ -29,13 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/gpt2_small.py", help="run config")
     parser.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set model.num_decoder_layers=24 (repeatable)",
-    )
+    common.add_set_argument(parser, "model.num_decoder_layers=24")
     parser.add_argument(
         "--repeats", type=int, default=3, help="compiles of each variant, alternating (best kept)"
     )

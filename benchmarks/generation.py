@@ -49,13 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--batch", type=int, default=1, help="sequences generated together")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set model.param_dtype=bfloat16 (repeatable)",
-    )
+    common.add_set_argument(parser, "model.param_dtype=bfloat16")
     parser.add_argument(
         "--no-recompute", action="store_true", help="skip the recompute-everything baseline"
     )

@@ -42,13 +42,7 @@ def parse_args() -> argparse.Namespace:
         "--probe-layers", default="8,16", help="the two depths compiled to fit the memory line"
     )
     parser.add_argument("--steps", type=int, default=2, help="steps trained at the found depth")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
+    common.add_set_argument(parser, "model.dtype=float32")
     parser.add_argument("--memory-fraction", type=float, default=0.95, help="of the GPU, for JAX")
     parser.add_argument(
         "--headroom", type=float, default=0.03, help="fraction of the limit left free"

@@ -32,13 +32,7 @@ def parse_args() -> argparse.Namespace:
         "--batch", type=int, default=16, help="sequences per step (one micro-batch)"
     )
     parser.add_argument("--chunk", type=int, default=128, help="positions per loss chunk")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set model.remat_policy=none (repeatable)",
-    )
+    common.add_set_argument(parser, "model.remat_policy=none")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
 

@@ -44,13 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field for every shape (repeatable)",
-    )
+    common.add_set_argument(parser, "model.dtype=float32", "a config field for every shape")
     parser.add_argument("--fallback-remat", default="full", help="remat policy after an OOM")
     parser.add_argument("--memory-fraction", type=float, default=0.9, help="of the GPU, for JAX")
     parser.add_argument("--timeout-s", type=float, default=90, help="limit per training process")

@@ -38,13 +38,7 @@ CONFIGS = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, help="training steps of both (default: the configs')")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of both configs, e.g. --set train.batch_size=8 (repeatable)",
-    )
+    common.add_set_argument(parser, "train.batch_size=8", "a field of both configs")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
 

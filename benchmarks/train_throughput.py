@@ -56,13 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="sequences per step (default 8)")
     parser.add_argument("--dtype", help="compute dtype: float32 (default) | bfloat16")
     parser.add_argument("--vocab", type=int, default=65, help="tokenizer vocabulary (default 65)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set model.scan_layers=true (repeatable)",
-    )
+    common.add_set_argument(parser, "model.scan_layers=true")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of timed steps")
