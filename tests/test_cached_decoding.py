@@ -65,7 +65,8 @@ def test_gpt_cached_logits_equal_full_forward(name, scan):
     )
 
 
-@pytest.mark.parametrize("scan", [False, True])
+# Scanned layers' caches are covered by the GPT cases above; the scanned encoder-decoder is slow.
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_encoder_decoder_cached_logits_equal_full_forward(scan):
     cfg = preset("tiny_transformer", scan_layers=scan)
     model = EncoderDecoder(cfg)

@@ -193,6 +193,7 @@ def test_chunked_loss_steps_equal_plain_steps(mesh, single_device_result):
     assert_same_step(one_step(setup_for(config, **sizes)), single_device_result)
 
 
+@pytest.mark.slow  # the same chunked loss as the GPT's above, through the other model
 def test_chunked_loss_of_the_encoder_decoder_equals_the_plain_loss():
     import dataclasses
 
