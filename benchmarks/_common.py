@@ -58,20 +58,20 @@ def reference_gpt2(model_cfg: Any, vocab: int) -> Any:
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from transformer.convert import hf_config_from
+    from transformer.hf import config_to_hf
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(num_cores())
     torch.manual_seed(0)
-    hf_config = hf_config_from(model_cfg, vocab_size=vocab)
+    hf_config = config_to_hf(model_cfg, vocab_size=vocab, family="gpt2")
     hf_config.pad_token_id = 0  # generate() wants one; the prompts are not padded
     return GPT2LMHeadModel(hf_config)
 
 
 def load_run_config(path: str) -> Any:
     """`get_config()` of a configs/NAME.py file; a bad path exits with one line."""
-    from transformer.config import ConfigError
-    from transformer.run_config import load_config_file
+    from transformer.errors import ConfigError
+    from transformer.train.config import load_config_file
 
     try:
         return load_config_file(path)
@@ -175,7 +175,7 @@ def is_out_of_memory(error: BaseException | str) -> bool:
 
 def short_error(error: BaseException) -> str:
     """An exception as one line for a report: the root cause's type and first line."""
-    from transformer.checkpoint import short_error
+    from transformer.train.checkpoint import short_error
 
     return short_error(error, limit=400)
 

@@ -20,9 +20,9 @@ import _common as common
 import jax
 import numpy as np
 
-from transformer.run_config import RunConfig
-from transformer.sharding import batch_sharding
-from transformer.trainer import Trainer
+from transformer.train.config import RunConfig
+from transformer.train.sharding import batch_sharding
+from transformer.train.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,8 +39,8 @@ def parse_args() -> argparse.Namespace:
 
 def compile_times(config: Any, vocab: int, scan: bool) -> dict[str, Any]:
     config.model.scan_layers = scan
-    model_cfg = RunConfig.from_any(config).model_config(vocab)
-    setup = Trainer.build(config, model_cfg, num_classes=vocab)
+    run_cfg = RunConfig.from_any(config)
+    setup = Trainer.build(run_cfg, run_cfg.model_config(vocab))
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(setup.mesh))
         for k, v in setup.task.dummy_batch(config.train.batch_size, config.data.seq_len).items()

@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformer.batching import iterator
-from transformer.corpora import load_shakespeare_plays
-from transformer.data import lm_train_dataset
-from transformer.documents import MemoryUnit
-from transformer.shards import TokenShards, prepare
-from transformer.tokenizer import Tokenizer
+from transformer.data.batching import iterator
+from transformer.data.bundled import load_shakespeare_plays
+from transformer.data.documents import MemoryUnit
+from transformer.data.pipeline import lm_train_dataset
+from transformer.data.shards import TokenShards, prepare_shards
+from transformer.data.tokenizer import Tokenizer
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     units = {"train": [MemoryUnit("train", train_docs)], "validation": []}
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        prepare(units, tokenizer, Path(cache))
+        prepare_shards(units, tokenizer, Path(cache))
         encode_s = time.perf_counter() - start
         tokens = TokenShards.open(cache, "train").to_array()  # the directory goes away
 

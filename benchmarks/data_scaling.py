@@ -40,7 +40,7 @@ runpy.run_module("transformer.prepare", run_name="__main__")
 
 def generate(directory: Path, size_mb: int, seed: int = 0) -> None:
     """`size_mb` files of 1 MB: random lines of the Shakespeare training plays."""
-    from transformer.corpora import load_shakespeare
+    from transformer.data.bundled import load_shakespeare
 
     lines = np.array([line for line in load_shakespeare()[0].splitlines() if line.strip()])
     rng = np.random.default_rng(seed)
@@ -97,7 +97,7 @@ def prepare(corpus: Path, cache: Path, workdir: Path, vocab_size: int) -> dict:
 
 def reference(corpus: Path, workdir: Path, limit_mb: int) -> dict:
     """`encode_batch` alone with the run's tokenizer over the first `limit_mb` files."""
-    from transformer.tokenizer import Tokenizer
+    from transformer.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(workdir / "tokenizer.json").hf
     files = sorted(corpus.glob("*.txt"))[:limit_mb]

@@ -8,7 +8,8 @@ vs Hugging Face `transformers` GPT2LMHeadModel.generate with torch, in the same 
 
 All three decode greedily from the same prompt with randomly initialised weights of the same
 shapes (speed does not depend on the values). Ours runs the whole sampling loop in one jitted
-`lax.while_loop` over a KV cache (`transformer.decode.sample` over `gpt_tokens_to_logits`). The
+`lax.while_loop` over a KV cache (`transformer.inference.decode.sample_tokens` over
+`gpt_tokens_to_logits`). The
 no-cache baseline is a plain Python loop calling the jitted full forward pass on the growing
 sequence, padded to its final length so that it compiles once (`--no-recompute` skips it).
 
@@ -33,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.config import ModelConfig
-from transformer.decode import sample
-from transformer.inference import gpt_init_cache, gpt_tokens_to_logits
-from transformer.metrics import count_params
-from transformer.models import GPT
-from transformer.run_config import RunConfig
+from transformer.inference.decode import sample_tokens
+from transformer.inference.gpt import gpt_init_cache, gpt_tokens_to_logits
+from transformer.model.config import ModelConfig
+from transformer.model.models import GPT
+from transformer.train.config import RunConfig
+from transformer.train.metrics import count_params
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,14 +82,14 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return RunConfig.from_any(config).model_config(args.vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_classes", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def cached_generate(
-    params: Any, prompt: jax.Array, *, cfg: ModelConfig, num_classes: int, max_new_tokens: int
+    params: Any, prompt: jax.Array, *, cfg: ModelConfig, max_new_tokens: int
 ) -> jax.Array:
     b, t = prompt.shape
     cache = gpt_init_cache(cfg, b, t + max_new_tokens, jnp.zeros((b,), jnp.int32))
-    return sample(
-        gpt_tokens_to_logits(cfg, params, num_classes),
+    return sample_tokens(
+        gpt_tokens_to_logits(cfg, params),
         prompt,
         cache,
         jax.random.key(0),
@@ -216,7 +217,6 @@ def main() -> None:
         params,
         jnp.asarray(prompt),
         cfg=cfg,
-        num_classes=args.vocab,
         max_new_tokens=n,
     )
     start = time.perf_counter()

@@ -77,14 +77,15 @@ def step_memory(args: argparse.Namespace, layers: int, remat: str) -> dict[str, 
     compile on abstract inputs."""
     import jax
 
-    from transformer.metrics import count_params
-    from transformer.run_config import RunConfig
-    from transformer.sharding import batch_sharding
-    from transformer.trainer import Trainer
+    from transformer.train.config import RunConfig
+    from transformer.train.metrics import count_params
+    from transformer.train.sharding import batch_sharding
+    from transformer.train.trainer import Trainer
 
     config = run_config(args, layers, remat)
-    model_cfg = RunConfig.from_any(config).model_config(args.vocab)
-    trainer = Trainer.build(config, model_cfg, num_classes=args.vocab, devices=jax.devices()[:1])
+    run_cfg = RunConfig.from_any(config)
+    model_cfg = run_cfg.model_config(args.vocab)
+    trainer = Trainer.build(run_cfg, model_cfg, devices=jax.devices()[:1])
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(trainer.mesh))
         for k, v in trainer.task.dummy_batch(args.batch, args.context).items()

@@ -19,9 +19,9 @@ from typing import Any
 import _common as common
 import jax
 
-from transformer.run_config import RunConfig
-from transformer.sharding import batch_sharding
-from transformer.trainer import Trainer
+from transformer.train.config import RunConfig
+from transformer.train.sharding import batch_sharding
+from transformer.train.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,8 +39,8 @@ def parse_args() -> argparse.Namespace:
 
 def step_memory(config: Any, vocab: int, chunk: int) -> dict[str, float]:
     config.model.loss_chunk_len = chunk
-    model_cfg = RunConfig.from_any(config).model_config(vocab)
-    trainer = Trainer.build(config, model_cfg, num_classes=vocab, devices=jax.devices()[:1])
+    run_cfg = RunConfig.from_any(config)
+    trainer = Trainer.build(run_cfg, run_cfg.model_config(vocab), devices=jax.devices()[:1])
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(trainer.mesh))
         for k, v in trainer.task.dummy_batch(config.train.batch_size, config.data.seq_len).items()

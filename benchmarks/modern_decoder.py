@@ -24,9 +24,9 @@ import _common as common
 import jax
 import jax.numpy as jnp
 
-from transformer.inference import gpt_init_cache
-from transformer.metrics import count_params, measure_matmul_flops, read_metrics
-from transformer.trainer import train_and_evaluate
+from transformer.inference.gpt import gpt_init_cache
+from transformer.train.metrics import count_params, measure_matmul_flops, read_metrics
+from transformer.train.run import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import hostmem, ops
-from transformer.layers import causal_mask
-from transformer.metrics import measure_matmul_flops
+from transformer.model import ops
+from transformer.model.layers import causal_mask
+from transformer.train import hostmem
+from transformer.train.metrics import measure_matmul_flops
 
 
 def parse_args() -> argparse.Namespace:

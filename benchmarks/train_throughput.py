@@ -32,17 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import hostmem, ops
-from transformer.config import PRESETS
-from transformer.metrics import (
+from transformer.model import ops
+from transformer.model.config import PRESETS
+from transformer.train import hostmem
+from transformer.train.config import RunConfig, base_config
+from transformer.train.metrics import (
     count_params,
     flops_per_token,
     known_peak_flops,
     measure_matmul_flops,
 )
-from transformer.run_config import RunConfig, base_config
-from transformer.sharding import global_batch
-from transformer.trainer import Trainer
+from transformer.train.sharding import global_batch
+from transformer.train.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -137,8 +138,9 @@ class Ours:
     """The library's own jitted, sharded, donated train step."""
 
     def __init__(self, config: Any, vocab: int, tokens: np.ndarray):
-        self.model_cfg = RunConfig.from_any(config).model_config(vocab)
-        self.setup = Trainer.build(config, self.model_cfg, num_classes=vocab)
+        run_cfg = RunConfig.from_any(config)
+        self.model_cfg = run_cfg.model_config(vocab)
+        self.setup = Trainer.build(run_cfg, self.model_cfg)
         with self.setup.within_mesh():
             self.state = self.setup.init_state(jax.random.key_data(jax.random.key(0)))
             self.batch = global_batch({"tokens": tokens}, self.setup.mesh)

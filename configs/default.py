@@ -7,8 +7,8 @@ of 16 x 128 characters (4 min 10-25 s in all on two otherwise idle CPU cores, ab
 tokens/s), then prints a sample with speaker names and line breaks.
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

@@ -18,8 +18,8 @@ Short of memory: --config.model.remat_policy=dots_with_no_batch_dims,
 --config.model.loss_chunk_len=128, or fewer sequences per micro-batch.
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

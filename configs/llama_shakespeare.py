@@ -12,8 +12,8 @@ biases. Character-level Shakespeare, 1700 steps of 16 x 128 characters on a CPU.
 
 from pathlib import Path
 
-from transformer.config import PRESETS
-from transformer.run_config import load_config_file
+from transformer.model.config import PRESETS
+from transformer.train.config import load_config_file
 
 
 def get_config():

@@ -6,8 +6,8 @@ On one modern GPU it reaches a validation loss around 1.5 in a few minutes (5000
 64 x 256 characters); on a CPU it takes hours (use configs/default.py there).
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

@@ -13,8 +13,8 @@ model, change the model fields to its config.json's (`transformer.convert.config
 prints them: `dict(config_from_hf_llama(json.load(open('config.json'))).to_dict())`).
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

@@ -3,8 +3,8 @@
 python train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

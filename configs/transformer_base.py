@@ -9,8 +9,8 @@ label smoothing 0.1, 100k steps. The paper's batches held about 25k source + 25k
 tokens on 8 GPUs; here 256 pairs of up to 128 tokens, on whatever mesh you give it.
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

@@ -10,8 +10,8 @@ positions, shared 4k BPE vocabulary, Adam 0.9/0.98/1e-9, inverse-sqrt warmup, la
 13.4 with beam 4 on the 371 held-out verses of Ecclesiastes and Galatians.
 """
 
-from transformer.config import PRESETS
-from transformer.run_config import base_config
+from transformer.model.config import PRESETS
+from transformer.train.config import base_config
 
 
 def get_config():

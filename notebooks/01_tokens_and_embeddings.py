@@ -44,11 +44,11 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from transformer import ModelConfig, load_run
-from transformer.config import padded_vocab_size
-from transformer.corpora import load_shakespeare
-from transformer.embeddings import Embed, sinusoidal_table
-from transformer.tokenizer import Tokenizer
-from transformer.trainer import train_and_evaluate
+from transformer.data.bundled import load_shakespeare
+from transformer.data.tokenizer import Tokenizer
+from transformer.model.config import padded_vocab_size
+from transformer.model.embeddings import Embed, sinusoidal_table
+from transformer.train.run import train_and_evaluate
 
 # The repository root (this notebook runs from notebooks/ or from the root).
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())

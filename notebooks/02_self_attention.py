@@ -45,8 +45,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from transformer import GPT, ModelConfig, load_run
-from transformer.layers import MultiHeadAttention, causal_mask, segment_mask
-from transformer.trainer import train_and_evaluate
+from transformer.model.attention import MultiHeadAttention
+from transformer.model.layers import causal_mask, segment_mask
+from transformer.train.run import train_and_evaluate
 
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())
 print("quick mode" if QUICK else "full mode", "| devices:", jax.devices())

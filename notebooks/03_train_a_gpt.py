@@ -46,10 +46,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from transformer import GPT, load_run
-from transformer.decode import top_k_filter
 from transformer.inference import generate
-from transformer.metrics import read_metrics
-from transformer.trainer import train_and_evaluate
+from transformer.inference.decode import top_k_filter
+from transformer.train.metrics import read_metrics
+from transformer.train.run import train_and_evaluate
 
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())
 print("quick mode" if QUICK else "full mode", "| devices:", jax.devices())

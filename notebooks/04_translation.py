@@ -51,8 +51,8 @@ from IPython.display import Markdown, display
 
 from transformer import EncoderDecoder, load_run
 from transformer.inference import bleu, translate
-from transformer.metrics import read_metrics
-from transformer.trainer import train_and_evaluate
+from transformer.train.metrics import read_metrics
+from transformer.train.run import train_and_evaluate
 
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())
 print("quick mode" if QUICK else "full mode", "| devices:", jax.devices())

@@ -43,11 +43,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from transformer.config import PRESETS
-from transformer.data import make_data
-from transformer.run_config import RunConfig, base_config
-from transformer.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
-from transformer.trainer import Trainer
+from transformer.data.pipeline import make_data
+from transformer.model.config import PRESETS
+from transformer.train.config import RunConfig, base_config
+from transformer.train.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
+from transformer.train.trainer import Trainer
 
 assert jax.device_count() == 8, "JAX was imported before XLA_FLAGS was set: restart the kernel"
 print(jax.devices())
@@ -108,7 +108,9 @@ if QUICK:
     config.data.seq_len = 32
     config.train.batch_size = 8
 
-data = make_data(config.data, global_batch_size=config.train.batch_size, seed=0, workdir=None)
+data = make_data(
+    config.data, global_batch_size=config.train.batch_size, seed=0, tokenizer_path=None
+)
 model_cfg = RunConfig.from_any(config).model_config(data.tokenizer.vocab_size)
 local_batches = [next(data.train_iter) for _ in range(3)]  # {'tokens': int32[b, seq_len + 1]}
 print(model_cfg)
@@ -124,9 +126,7 @@ trainers = {}
 for name, sizes in STRATEGIES.items():
     config.mesh.update(**sizes)
     devices = jax.devices()[:1] if name == "single device" else None
-    trainers[name] = Trainer.build(
-        config, model_cfg, num_classes=data.tokenizer.vocab_size, devices=devices
-    )
+    trainers[name] = Trainer.build(RunConfig.from_any(config), model_cfg, devices=devices)
 
 # %% [markdown]
 # A parameter's `PartitionSpec` names, for each of its dimensions, the mesh axis that splits it

@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from transformer import ops
-from transformer.inference import gpt_init_cache
-from transformer.metrics import count_params, read_metrics
-from transformer.trainer import train_and_evaluate
+from transformer.inference.gpt import gpt_init_cache
+from transformer.model import ops
+from transformer.train.metrics import count_params, read_metrics
+from transformer.train.run import train_and_evaluate
 
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs").is_dir())
 print("quick mode" if QUICK else "full mode", "| devices:", jax.devices())

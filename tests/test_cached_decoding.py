@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 
 from transformer import GPT, EncoderDecoder, preset
-from transformer.inference import (
-    encdec_init_cache,
-    encdec_tokens_to_logits,
-    gpt_init_cache,
-    gpt_tokens_to_logits,
-)
+from transformer.inference.encoder_decoder import encdec_init_cache, encdec_tokens_to_logits
+from transformer.inference.gpt import gpt_init_cache, gpt_tokens_to_logits
 
 
 def random_tokens(shape, seed):
@@ -87,12 +83,10 @@ def test_encoder_decoder_cached_logits_equal_full_forward(scan):
 
 
 def test_vocabulary_padding_is_never_predicted():
-    cfg = preset("tiny_gpt")
+    cfg = preset("tiny_gpt", real_vocab_size=50)
     params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     cache = gpt_init_cache(cfg, 1, 4, jnp.zeros((1,), jnp.int32))
-    logits, _ = gpt_tokens_to_logits(cfg, params, num_classes=50)(
-        jnp.ones((1, 4), jnp.int32), cache
-    )
+    logits, _ = gpt_tokens_to_logits(cfg, params)(jnp.ones((1, 4), jnp.int32), cache)
     assert int(jnp.argmax(logits[0, -1])) < 50
     assert float(logits[..., 50:].max()) == float(jnp.finfo(jnp.float32).min)
 
@@ -102,12 +96,12 @@ def test_generation_past_the_context_slides_by_half_a_context():
     """`generate` beyond `max_len`: once the longest context in the batch is full, every row
     continues from its last max_len // 2 tokens. The reference recomputes the full forward
     pass of each row for every token and takes the argmax."""
-    from transformer.config import ConfigError
+    from transformer.data.tokenizer import Tokenizer
+    from transformer.errors import ConfigError
     from transformer.inference import generate
-    from transformer.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train_char(["abcdefgh ij\n"])
-    cfg = preset("tiny_gpt", max_len=16, vocab_size=64)
+    cfg = preset("tiny_gpt", max_len=16, vocab_size=64, real_vocab_size=tokenizer.vocab_size)
     model = GPT(cfg)
     params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
     params = jax.tree.map(lambda p: p * 4, params)  # sharper logits: no near-ties in argmax

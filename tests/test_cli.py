@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from transformer.run_config import TrainConfig, all_field_names, field_docs
+from transformer.train.config import TrainConfig, all_field_names, field_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELP_FLAGS = ["--help", "-h", "--helpshort", "--helpfull"]

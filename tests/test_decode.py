@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import decode
+from transformer.inference import decode
 
 V = 8  # vocabulary of the random-table fakes
 EOS, BOS = 1, 2
@@ -134,7 +134,7 @@ def test_filters_reject_bad_arguments(call):
 
 # One compilation per settings, reused across seeds.
 _jit_sample = jax.jit(
-    decode.sample, static_argnums=0, static_argnames=decode.SAMPLE_STATIC_ARGNAMES
+    decode.sample_tokens, static_argnums=0, static_argnames=decode.SAMPLE_STATIC_ARGNAMES
 )
 
 
@@ -156,7 +156,7 @@ def test_greedy_is_argmax_and_prefills_in_one_call():
     table, bias = rng.normal(size=(V, 5, V)), rng.normal(size=(3, V))
     prompt = np.array([[0, 0, 5, 6], [0, 3, 4, 7], [4, 5, 6, 3]])  # left-padded with 0
     calls = []
-    out = decode.sample(
+    out = decode.sample_tokens(
         recording(table_fake(table), calls),
         jnp.asarray(prompt),
         table_cache(bias),
@@ -176,7 +176,7 @@ def test_sample_under_jit_matches_eager():
     table, bias = rng.normal(size=(V, 5, V)), rng.normal(size=(4, V))
     prompt, fn = jnp.asarray(rng.integers(3, V, size=(4, 3))), table_fake(table)
     kwargs = dict(max_new_tokens=7, temperature=0.8, top_k=5, top_p=0.9, eos_id=EOS)
-    eager = decode.sample(fn, prompt, table_cache(bias), jax.random.key(3), **kwargs)
+    eager = decode.sample_tokens(fn, prompt, table_cache(bias), jax.random.key(3), **kwargs)
     jitted = _jit_sample(fn, prompt, table_cache(bias), jax.random.key(3), **kwargs)
     np.testing.assert_array_equal(jitted, eager)
 
@@ -228,7 +228,7 @@ def test_eos_pads_and_stops_the_loop_early():
     cache = {"pos": jnp.zeros((), jnp.int32), "schedule": jnp.asarray(schedule)}
     prompt = jnp.full((3, 2), 3, jnp.int32)
     calls = []
-    out = decode.sample(
+    out = decode.sample_tokens(
         recording(schedule_fake, calls),
         prompt,
         cache,
@@ -250,7 +250,7 @@ def test_eos_pads_and_stops_the_loop_early():
     assert len(calls) == 5  # prefill + 4 steps: the loop ends once the last row emits EOS
 
     calls.clear()
-    decode.sample(
+    decode.sample_tokens(
         recording(schedule_fake, calls),
         prompt,
         cache,
@@ -276,7 +276,7 @@ def test_eos_pads_and_stops_the_loop_early():
 def test_sample_rejects_bad_arguments(kwargs):
     cache = {"logits": jnp.zeros((2, V))}
     with pytest.raises(ValueError):
-        decode.sample(
+        decode.sample_tokens(
             constant_fake, jnp.zeros((2, 3), jnp.int32), cache, jax.random.key(0), **kwargs
         )
 
@@ -294,7 +294,7 @@ def _beam(fn, cache, **kwargs):
 def _greedy(fn, cache, b, max_len, eos_id):
     prompt = jnp.full((b, 1), BOS, jnp.int32)
     return np.asarray(
-        decode.sample(
+        decode.sample_tokens(
             fn,
             prompt,
             cache,

@@ -149,7 +149,7 @@ def losses(workdir):
 def params(workdir, step=None):
     import jax
 
-    from transformer.rundir import load_params
+    from transformer.train.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir, step)[1])
 
@@ -221,7 +221,7 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_one(uninterru
     previous = max(complete_steps(workdir))
     assert previous == half_written - 2
     # The half-written directory is not a checkpoint, for Orbax or for load_params.
-    from transformer.checkpoint import Checkpoints
+    from transformer.train.checkpoint import Checkpoints
 
     readonly = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     assert readonly.all_steps()[-1] == previous
@@ -291,7 +291,7 @@ def test_truncated_checkpoint_warns_and_resumes_from_the_previous_step(uninterru
 # Orbax's reader threads leave "Event loop is closed" callbacks behind after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_load_params_falls_back_past_a_deleted_checkpoint_file(uninterrupted, tmp_path, caplog):
-    from transformer.checkpoint import CheckpointError
+    from transformer.train.checkpoint import CheckpointError
 
     workdir = str(tmp_path / "deleted")
     shutil.copytree(uninterrupted, workdir)
@@ -442,8 +442,8 @@ def test_disk_full_error_names_the_step(tmp_path, monkeypatch, capsys):
 
     import jax.numpy as jnp
 
-    from transformer import cli
-    from transformer.checkpoint import CheckpointDiskFullError, Checkpoints
+    from transformer.cli import entry as cli
+    from transformer.train.checkpoint import CheckpointDiskFullError, Checkpoints
 
     checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
     checkpoints.save(2, {"w": jnp.ones(3)})
@@ -473,7 +473,7 @@ def test_restore_latest_good_moves_damaged_steps_aside_only_when_one_reads(tmp_p
     import jax
     import jax.numpy as jnp
 
-    from transformer.checkpoint import CheckpointError, Checkpoints
+    from transformer.train.checkpoint import CheckpointError, Checkpoints
 
     workdir = str(tmp_path)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
@@ -497,7 +497,7 @@ def test_restore_latest_good_moves_damaged_steps_aside_only_when_one_reads(tmp_p
 
 
 def test_truncate_metrics_drops_steps_past_the_checkpoint_and_torn_lines(tmp_path):
-    from transformer.rundir import RunDir
+    from transformer.train.rundir import RunDir
 
     truncate_metrics = RunDir(tmp_path).truncate_metrics
     path = tmp_path / "metrics.jsonl"
@@ -511,7 +511,7 @@ def test_truncate_metrics_drops_steps_past_the_checkpoint_and_torn_lines(tmp_pat
 
 
 def test_stop_signal_single_process_handles_both_signals_and_skips_preemption():
-    from transformer.reliability import StopSignal
+    from transformer.train.faults import StopSignal
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopSignal() as stop:

@@ -73,9 +73,9 @@ GPT2_FLAGS = [
 
 
 def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
-    from transformer.convert import load_hf_gpt2
-    from transformer.finetune import initial_params
-    from transformer.run_config import RunConfig, base_config
+    from transformer.hf import load_hf
+    from transformer.train.config import RunConfig, base_config
+    from transformer.train.finetune import initial_params
 
     config = base_config()
     config.model.update(
@@ -99,7 +99,7 @@ def test_initial_parameters_are_the_imported_ones(hf_checkpoint):
         config.model.scan_layers = scan
         model_cfg = RunConfig.from_any(config).model_config(263)
         params = initial_params(str(hf_checkpoint / "hf"), model_cfg)
-        _, expected = load_hf_gpt2(str(hf_checkpoint / "hf"), pad_vocab_to=320, scan_layers=scan)
+        _, expected = load_hf(str(hf_checkpoint / "hf"), pad_vocab_to=320, scan_layers=scan)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
             np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -221,7 +221,7 @@ LLAMA_FLAGS = [
 
 @pytest.mark.slow
 def test_llama_directory_finetunes_with_its_tokenizer_and_samples(llama_checkpoint, tmp_path):
-    from transformer.tokenizer import Tokenizer
+    from transformer.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(llama_checkpoint)
     assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id) == ("hf", 0, 1)

@@ -15,7 +15,8 @@ def configure_in_subprocess(env_platforms: str | None, keep: str = "None") -> st
     if env_platforms is not None:
         env["JAX_PLATFORMS"] = env_platforms
     code = (
-        f"from transformer import hostmem; print(hostmem.runs_on_cpu(), hostmem.configure({keep}))"
+        "from transformer.train import hostmem; "
+        f"print(hostmem.runs_on_cpu(), hostmem.configure({keep}))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
-from transformer.layers import MultiHeadAttention
+from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
+from transformer.model import ops
+from transformer.model.attention import MultiHeadAttention
 
 # Random parameters of a model's shapes without running its initialiser, and random tokens.
 from test_modern_decoder import init, tokens  # isort: skip

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
-from transformer.embeddings import sinusoidal_table
-from transformer.layers import Dense, Stack, causal_mask, segment_mask
+from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
+from transformer.model import ops
+from transformer.model.blocks import Stack
+from transformer.model.embeddings import sinusoidal_table
+from transformer.model.layers import Dense, causal_mask, segment_mask
 
 
 def init(model, *args, **kwargs):

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, ops, preset
-from transformer.layers import FeedForward
-from transformer.sharding import check_model_fits, make_mesh
+from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
+from transformer.model import ops
+from transformer.model.layers import FeedForward
+from transformer.train.sharding import check_model_fits, make_mesh
 
 
 def init(model, *args, **kwargs):
@@ -222,7 +223,7 @@ def test_encoder_decoder_takes_every_switch():
 
 
 def test_kv_cache_holds_only_the_key_value_heads():
-    from transformer.inference import gpt_init_cache
+    from transformer.inference.gpt import gpt_init_cache
 
     def cache_bytes(cfg):
         cache = gpt_init_cache(cfg, 2, 16, jnp.zeros((2,), jnp.int32))["kv"]

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.config import ConfigError
-from transformer.optim import cross_entropy, decay_mask, make_schedule
+from transformer.errors import ConfigError
+from transformer.model.ops import cross_entropy
+from transformer.train.optim import decay_mask, make_schedule
 
 
 def test_inverse_sqrt_is_paper_equation_3():
@@ -94,7 +95,7 @@ def test_cross_entropy_without_smoothing_is_nll():
 @pytest.mark.parametrize("chunk_len", [1, 4, 5, 13, 64])  # dividing t, not, all, more than t
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk_len, smoothing):
-    from transformer.ops.loss import chunked_cross_entropy
+    from transformer.model.ops import chunked_cross_entropy
 
     rng = np.random.default_rng(0)
     b, t, d, v, real = 3, 13, 8, 24, 19  # ids 19..23 pad the vocabulary

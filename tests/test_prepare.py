@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformer import documents
-from transformer.corpora import load_corpus
-from transformer.data import DataError, make_data, prepare_corpus
-from transformer.run_config import DataConfig
-from transformer.shards import TokenShards, prepare
-from transformer.tokenizer import Tokenizer
+from transformer.data import documents
+from transformer.data.config import DataConfig
+from transformer.data.corpora import load_corpus
+from transformer.data.pipeline import make_data, prepare_corpus
+from transformer.data.shards import TokenShards, prepare_shards
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"Document {i}: {'é to be or not ✓ ' * (i + 3)}\nline two of {i}.\n" for i in range(10)]
@@ -178,14 +179,14 @@ def test_four_shard_commands_equal_one_run_and_train_the_same(corpus_spec, tmp_p
             data_config(corpus_spec, tmp_path / cache, shard_mb=0.01),
             global_batch_size=4,
             seed=0,
-            workdir=None,
+            tokenizer_path=None,
         )
         batches.append([next(data.train_iter)["tokens"] for _ in range(30)])
     np.testing.assert_array_equal(np.stack(batches[0]), np.stack(batches[1]))
 
 
 def test_training_from_prepared_shards_matches_the_implicit_preparation(corpus_spec, tmp_path):
-    from transformer.trainer import train_and_evaluate
+    from transformer.train.run import train_and_evaluate
 
     sys.path.insert(0, str(ROOT / "configs"))
     try:
@@ -201,7 +202,12 @@ def test_training_from_prepared_shards_matches_the_implicit_preparation(corpus_s
         config.data.cache_dir = str(tmp_path / cache)
         workdir = tmp_path / f"run-{cache}"
         for shard in range(shards):  # what N `python -m transformer.prepare` commands do
-            prepare_corpus(config.data, workdir=str(workdir), shard=shard, num_shards=shards)
+            prepare_corpus(
+                config.data,
+                tokenizer_path=workdir / "tokenizer.json",
+                shard=shard,
+                num_shards=shards,
+            )
         train_and_evaluate(config, str(workdir))
         records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
         return [(r.get("train_loss"), r.get("val_loss")) for r in records]
@@ -247,7 +253,7 @@ def test_damaged_or_mismatched_shards_are_one_clear_error(corpus_spec, tmp_path)
     with pytest.raises(DataError, match="another tokenizer than this run's"):
         TokenShards.open(directory, "train", tokenizer=other)
     with pytest.raises(DataError, match="written for other data or another tokenizer"):
-        prepare(prepared.corpus.units(), other, directory)
+        prepare_shards(prepared.corpus.units(), other, directory)
     shard = directory / "train-00001.bin"
     data = bytearray(shard.read_bytes())
     data[5] ^= 1

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from transformer.config import padded_vocab_size
-from transformer.corpora import load_shakespeare
-from transformer.run_config import DataConfig, RunConfig
-from transformer.tokenizer import DataError, Tokenizer
+from transformer.data.bundled import load_shakespeare
+from transformer.data.config import DataConfig
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import DataError
+from transformer.model.config import padded_vocab_size
+from transformer.train.config import RunConfig
 
 GERMAN = "Grüße aus Köln: Die Straße ist süß, Äpfel über Öl.\n\tFuß und Maß!"
 UNSEEN = "emoji 😀🚀, Chinese 中文字, Greek αβγ, math ∑∞ and \r\n line ends"
@@ -110,7 +112,8 @@ def test_padded_vocab_size(bpe: Tokenizer) -> None:
     assert (char.vocab_size, padded_vocab_size(7), padded_vocab_size(7, 4)) == (7, 64, 8)
     assert padded_vocab_size(bpe.vocab_size) == 1024
     # A run sizes its embedding the same way when model.vocab_size is 0.
-    run = RunConfig(model={"vocab_size": 0}, data=DataConfig(pad_vocab_to_multiple_of=4))
+    gpt = {"vocab_size": 0, "num_encoder_layers": 0}
+    run = RunConfig(model=gpt, data=DataConfig(pad_vocab_to_multiple_of=4))
     assert run.model_config(char.vocab_size).vocab_size == 8
     # No input produces an id at or beyond vocab_size, so padded rows are never targets.
     for tok in (char, bpe):

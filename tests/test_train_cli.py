@@ -39,7 +39,7 @@ def losses(workdir):
 def final_params(workdir):
     import jax
 
-    from transformer.rundir import load_params
+    from transformer.train.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir)[1])
 
@@ -188,8 +188,8 @@ NEEDS_A_PATH = {"smollm_finetune.py": "data.tokenizer_path"}
     "name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
 )
 def test_every_shipped_config_is_valid(name):
-    from transformer.config import ConfigError
-    from transformer.run_config import RunConfig, load_config_file
+    from transformer.errors import ConfigError
+    from transformer.train.config import RunConfig, load_config_file
 
     config = load_config_file(os.path.join(ROOT, "configs", name))
     if name in NEEDS_A_PATH:

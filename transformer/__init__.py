@@ -1,8 +1,42 @@
-"""A JAX/Flax Transformer: the paper's encoder-decoder and the decoder-only GPT."""
+"""A JAX/Flax Transformer: the paper's encoder-decoder and the decoder-only GPT.
 
-from transformer.config import ConfigError, ModelConfig, preset
-from transformer.models import GPT, EncoderDecoder
-from transformer.rundir import RunDir, load_run
+The package in layers, lowest first; a layer imports only the layers below it:
 
-__all__ = ["ConfigError", "EncoderDecoder", "GPT", "ModelConfig", "RunDir", "load_run", "preset"]
+  errors, files   every user error; the one atomic file writer
+  model           ModelConfig, kernels, layers, GPT and EncoderDecoder
+  data            tokenizers, corpora, token shards, batches
+  inference       sampling, beam search, generate/translate
+  hf              Hugging Face GPT-2 and Llama weights in and out
+  train           run config, optimiser, sharding, steps, trainer, run directory, checkpoints
+  cli             the commands (`python train.py`, `python -m transformer.sample`, ...)
+
+The names below load on first use, so `import transformer.data` does not import Flax.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "transformer.errors",
+    "ModelConfig": "transformer.model.config",
+    "preset": "transformer.model.config",
+    "GPT": "transformer.model.models",
+    "EncoderDecoder": "transformer.model.models",
+    "RunDir": "transformer.train.rundir",
+    "load_run": "transformer.train.rundir",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'transformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

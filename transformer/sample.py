@@ -1,61 +1,6 @@
-"""Sample from a trained GPT run.
+"""`python -m transformer.sample`: the command is `transformer.cli.sample` (`--help` says how)."""
 
-    python -m transformer.sample --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=300
-
-Loads the newest checkpoint and the workdir's tokenizer; prints each continuation after its
-prompt. --temperature 0 is greedy; --top_k and --top_p filter the distribution.
-"""
-
-from __future__ import annotations
-
-from absl import flags
-
-flags.DEFINE_string("workdir", None, "Run directory of a GPT training run.", required=True)
-flags.DEFINE_string("prompt", "", "Text to continue ('' starts a new document).")
-flags.DEFINE_integer(
-    "max_new_tokens", 200, "Tokens to generate; past the context, it slides by half a context."
-)
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the most likely tokens of this total mass.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("num_samples", 1, "Continuations of the same prompt.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-flags.DEFINE_bool("debug", False, "Show full tracebacks for errors.")
-FLAGS = flags.FLAGS
-
-
-def main() -> int:
-    from transformer.config import ConfigError
-    from transformer.inference import generate
-    from transformer.rundir import load_run
-
-    if not 0.0 < FLAGS.top_p <= 1.0:
-        raise ConfigError(f"--top_p={FLAGS.top_p} must be in (0, 1]")
-    if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.max_new_tokens < 1:
-        raise ConfigError("--temperature and --top_k must be >= 0 and --max_new_tokens >= 1")
-    if FLAGS.num_samples < 1:
-        raise ConfigError(f"--num_samples={FLAGS.num_samples} must be at least 1")
-    cfg, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
-    texts = generate(
-        cfg,
-        params,
-        tokenizer,
-        [FLAGS.prompt] * FLAGS.num_samples,
-        max_new_tokens=FLAGS.max_new_tokens,
-        temperature=FLAGS.temperature,
-        top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p,
-        seed=FLAGS.seed,
-    )
-    for i, text in enumerate(texts):
-        if FLAGS.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(FLAGS.prompt + text, flush=True)
-    return 0
-
+from transformer.cli.sample import main
 
 if __name__ == "__main__":
-    from transformer.cli import main_entry
-
-    main_entry(main, "transformer.sample")
+    main()

@@ -1,0 +1,41 @@
+"""Global batches, the part both tasks share: this process's rows of a global batch, shuffled
+epochs of item indices and checkpointable iterators with prefetch."""
+
+from __future__ import annotations
+
+import grain
+
+from transformer.errors import DataError
+
+# Two threads overlap batch assembly with the train step; more only contend for the GIL.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """Rows per process; DataError unless the global batch divides evenly among processes."""
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} is not in [0, {process_count}).")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise DataError(
+            f"global batch size {global_batch_size} does not divide among {process_count} "
+            "processes; set train.batch_size to a positive multiple of the process count."
+        )
+    return global_batch_size // process_count
+
+
+def global_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of a global batch."""
+    local = local_batch_size(global_batch_size, process_index, process_count)
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+def shuffled_batches(num_items: int, seed: int, global_batch_size: int) -> grain.MapDataset:
+    """Infinite stream of global batches of item indices; each epoch a fresh permutation."""
+    # shuffle before repeat: grain folds the epoch into the seed, so epochs differ.
+    ds = grain.MapDataset.range(num_items).shuffle(seed=seed % 2**32).repeat()
+    return ds.batch(global_batch_size)
+
+
+def iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+    """A checkpointable iterator with background prefetch."""
+    return iter(dataset.to_iter_dataset(READ_OPTIONS))

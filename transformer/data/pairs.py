@@ -1,0 +1,156 @@
+"""Translation batches: tokenised (source, target) pairs laid out in fixed-length rows, one pair
+per row or several packed with segment ids (the layout is described in
+`transformer.data.pipeline`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import grain
+import numpy as np
+
+from transformer.data.batching import global_rows, shuffled_batches
+from transformer.data.token_cache import Ragged
+from transformer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# The translation batch: each [b, t] int32 (see `transformer.data.pipeline`).
+TRANSLATION_KEYS = (
+    "src",
+    "tgt_in",
+    "tgt_out",
+    "src_segment_ids",
+    "tgt_segment_ids",
+    "src_positions",
+    "tgt_positions",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTokens:
+    """Tokenised translation pairs and how to lay them out in fixed-length rows."""
+
+    src: Ragged
+    tgt: Ragged
+    max_len: int  # row length; a sequence gets max_len - 1 tokens plus BOS or EOS
+    bos_id: int
+    eos_id: int
+
+    def check_lengths(self, truncate: bool, what: str) -> None:
+        """Logs how many pairs get truncated, or raises if `truncate` is False."""
+        too_long = np.flatnonzero(
+            (self.src.lengths >= self.max_len) | (self.tgt.lengths >= self.max_len)
+        )
+        if len(too_long) and not truncate:
+            i = int(too_long[0])
+            raise DataError(
+                f"{len(too_long)} pair(s) in {what} exceed seq_len={self.max_len} with BOS/EOS "
+                f"(pair {i}: {len(self.src[i])} source, {len(self.tgt[i])} target tokens); "
+                "raise data.seq_len or set data.truncate=True."
+            )
+        if len(too_long):
+            log.info(
+                "%s: truncated %d of %d pairs to %d tokens",
+                what,
+                len(too_long),
+                len(self.src),
+                self.max_len,
+            )
+
+    def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of pair indices (empty = padding row) -> the translation batch dict."""
+        out = {k: np.zeros((len(rows), self.max_len), np.int32) for k in TRANSLATION_KEYS}
+        for r, pair_ids in enumerate(rows):
+            s0 = t0 = 0
+            for segment, p in enumerate(pair_ids, start=1):
+                src, tgt = self.src[p][: self.max_len - 1], self.tgt[p][: self.max_len - 1]
+                s1, t1 = s0 + len(src) + 1, t0 + len(tgt) + 1
+                out["src"][r, s0 : s1 - 1] = src
+                out["src"][r, s1 - 1] = self.eos_id
+                out["tgt_in"][r, t0] = self.bos_id
+                out["tgt_in"][r, t0 + 1 : t1] = tgt
+                out["tgt_out"][r, t0 : t1 - 1] = tgt
+                out["tgt_out"][r, t1 - 1] = self.eos_id
+                out["src_segment_ids"][r, s0:s1] = segment
+                out["tgt_segment_ids"][r, t0:t1] = segment
+                out["src_positions"][r, s0:s1] = np.arange(s1 - s0)
+                out["tgt_positions"][r, t0:t1] = np.arange(t1 - t0)
+                s0, t0 = s1, t1
+        return out
+
+    def pack(self, seed: int, open_rows: int = 16) -> list[np.ndarray]:
+        """Pairs (in a seeded random order) packed first-fit into rows of `max_len`.
+
+        Only the newest `open_rows` rows take more pairs, which keeps packing linear. The packing
+        is fixed for the run; segment masking makes a row equivalent to its pairs alone, and
+        the rows are still reshuffled every epoch.
+        """
+        src_len = np.minimum(self.src.lengths + 1, self.max_len)
+        tgt_len = np.minimum(self.tgt.lengths + 1, self.max_len)
+        rows: list[list[int]] = []
+        used: list[list[int]] = []  # [src, tgt] tokens used, parallel to rows
+        for p in np.random.default_rng(seed).permutation(len(self.src)):
+            s, t = int(src_len[p]), int(tgt_len[p])
+            for r in range(max(0, len(rows) - open_rows), len(rows)):
+                if used[r][0] + s <= self.max_len and used[r][1] + t <= self.max_len:
+                    rows[r].append(int(p))
+                    used[r][0] += s
+                    used[r][1] += t
+                    break
+            else:
+                rows.append([int(p)])
+                used.append([s, t])
+        return [np.asarray(r) for r in rows]
+
+
+def _translation_train_batch(
+    indices: np.ndarray, pairs: PairTokens, rows: list[np.ndarray], local: slice
+) -> dict:
+    return pairs.batch([rows[i] for i in indices[local]])
+
+
+def translation_train_dataset(
+    pairs: PairTokens,
+    *,
+    global_batch_size: int,
+    seed: int,
+    pack: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite translation batches, one pair per row or packed (see the module docstring)."""
+    local = global_rows(global_batch_size, process_index, process_count)
+    if len(pairs.src) == 0:
+        raise DataError("the training split has no pairs; check data.corpus.")
+    rows = pairs.pack(seed) if pack else [np.array([i]) for i in range(len(pairs.src))]
+    batch = functools.partial(_translation_train_batch, pairs=pairs, rows=rows, local=local)
+    return shuffled_batches(len(rows), seed, global_batch_size).map(batch)
+
+
+def _translation_eval_batch(
+    b: int, pairs: PairTokens, local: slice, global_batch_size: int
+) -> dict:
+    first = b * global_batch_size
+    ids = range(first + local.start, first + local.stop)
+    return pairs.batch([np.array([i] if i < len(pairs.src) else [], np.int64) for i in ids])
+
+
+def translation_eval_dataset(
+    pairs: PairTokens,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Finite translation batches in order, one pair per row; the last global batch is padded
+    with empty rows (all segment ids 0)."""
+    local = global_rows(global_batch_size, process_index, process_count)
+    if len(pairs.src) == 0:
+        raise DataError("the validation split has no pairs; check data.corpus.")
+    batch = functools.partial(
+        _translation_eval_batch, pairs=pairs, local=local, global_batch_size=global_batch_size
+    )
+    return grain.MapDataset.range(-(-len(pairs.src) // global_batch_size)).map(batch)

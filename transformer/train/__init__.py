@@ -1,0 +1,16 @@
+"""The training layer: run config, optimiser, sharding, tasks, pure steps, the trainer and its
+hooks, the run directory and its checkpoints, faults and several hosts.
+
+  config      RunConfig (model, data, train, checkpoint, mesh), base_config() for configs/*.py
+  optim       AdamW, schedules
+  sharding    the mesh and the one logical-axis rules table
+  tasks       what a model is trained to do: batch layout, model call, end-of-run report
+  steps       the pure train_step and eval_step
+  hooks       what runs between steps: metric sums, records, checkpoints, the non-finite policy
+  trainer     Trainer: the jitted sharded steps and the loop
+  run         train_and_evaluate: a whole run
+  rundir      RunDir: the workdir's layout and load_run
+  checkpoint  Orbax checkpoints with fallback past damaged steps
+  finetune    parameters to start from (checkpoint.init_from)
+  faults, distributed, hostmem, metrics   signals, several hosts, CPU memory, MFU and records
+"""
