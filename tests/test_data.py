@@ -17,8 +17,16 @@ from transformer.data.bundled import (
     load_shakespeare_plays,
     normalise_play,
 )
+from transformer.data.config import DataConfig
 from transformer.data.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
-from transformer.data.pipeline import Data, lm_eval_dataset, lm_train_dataset, make_data
+from transformer.data.pipeline import (
+    Data,
+    held_out_pairs,
+    lm_eval_dataset,
+    lm_train_dataset,
+    make_data,
+    open_corpus,
+)
 from transformer.data.token_cache import Ragged
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import CorpusUnavailableError, DataError
@@ -398,3 +406,49 @@ def test_bad_inputs_raise_data_error(tmp_path) -> None:
     (tmp_path / "bad.tsv").write_text("one\ttwo\nno tab here\n")
     with pytest.raises(DataError, match=r"bad.tsv:2 has 1 tab-separated"):
         build(f"tsv:{tmp_path}/bad.tsv")
+
+
+# ---------------------------------------------------------------------------- BLEU's pairs
+def training_pairs(data_cfg, batch_size: int) -> set[tuple[str, str]]:
+    """Every (source, target) pair of one epoch of the training batches a run reads, decoded
+    back to text: the pairs a model trained on."""
+    data = make_data(data_cfg, global_batch_size=batch_size, seed=0, tokenizer_path=None)
+    decode = data.tokenizer.decode  # skips BOS, EOS and padding
+    seen: set[tuple[str, str]] = set()
+    epoch = len(open_corpus(DataConfig.from_any(data_cfg)).splits["train"])
+    for batch in take(data.train_iter, -(-epoch // batch_size)):
+        for src, tgt in zip(batch["src"], batch["tgt_out"], strict=True):
+            seen.add((decode(src), decode(tgt)))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["tsv", "tsv with eval_corpus", "bible_en_de"])
+def test_bleu_scores_only_pairs_the_run_never_trained_on(tmp_path, case) -> None:
+    """`translate --bleu` scores `held_out_pairs` of the run's data config: never a pair the run
+    trained on, also when data.eval_corpus names the held-out files (every corpus file is then
+    training data)."""
+    for name, lines in (("a", range(0, 12)), ("b", range(12, 24)), ("held", range(24, 30))):
+        pairs = "".join(f"source {i} words\tziel {i} worte\n" for i in lines)
+        (tmp_path / f"{name}.tsv").write_text(pairs)
+    corpus = {
+        "tsv": dict(corpus=f"tsv:{tmp_path}/[ab].tsv"),
+        "tsv with eval_corpus": dict(
+            corpus=f"tsv:{tmp_path}/[ab].tsv", eval_corpus=f"tsv:{tmp_path}/held.tsv"
+        ),
+        "bible_en_de": dict(corpus="bible_en_de"),
+    }[case]
+    # Rows long enough for every pair: a truncated pair would decode to another text.
+    data_cfg = config(**corpus, seq_len=1024, cache_dir=str(tmp_path / "cache"))
+    try:
+        scored = held_out_pairs(data_cfg)
+        trained = training_pairs(data_cfg, batch_size=512 if case == "bible_en_de" else 4)
+    except CorpusUnavailableError as e:
+        pytest.skip(f"the Bible corpus needs the package index: {e}")
+    assert scored and trained
+    assert not set(scored) & trained
+    if case == "tsv with eval_corpus":
+        assert set(scored) == {(f"source {i} words", f"ziel {i} worte") for i in range(24, 30)}
+    # The epoch read every distinct training pair.
+    assert len(trained) == len(set(open_corpus(DataConfig.from_any(data_cfg)).splits["train"]))
+    if case == "bible_en_de":  # the test books (Daniel, Hebrews), not the validation books
+        assert len(scored) == 660

@@ -7,7 +7,8 @@
 One API for both families: `load_hf` picks the family by config.json's `model_type`, `export_hf`
 by the model's structure (`model.config.FAMILIES`); `family=` names one explicitly. Each family
 is a module with the same names (`transformer.hf.gpt2`, `transformer.hf.llama`: `config_from_hf`,
-`config_to_hf`, `table`, `FAMILY`), and `transformer.hf.engine` does the rest for both.
+`config_to_hf`, `table`, `FAMILY`); `transformer.hf.engine` maps tensors for both and
+`transformer.hf.files` reads and writes their directories.
 
 Importing a directory of safetensors needs only `safetensors`; `.bin` files, in-memory torch
 models and export need the hf extra (`pip install -e ".[hf]"`), imported only when needed.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer.errors import ConvertError
-from transformer.hf import engine, gpt2, llama
+from transformer.hf import engine, files, gpt2, llama
 from transformer.hf.engine import Family, hf_fields
 from transformer.model.config import ModelConfig, family_problems
 from transformer.model.scan import Params
@@ -120,7 +121,7 @@ def load_hf(
         chosen = _named(family)
     elif isinstance(source, (str, os.PathLike)):
         config_path = Path(source) / "config.json"
-        fields = engine.read_config(Path(source), "GPT-2 or Llama")
+        fields = files.read_config(Path(source), "GPT-2 or Llama")
         chosen = _family_by_type(fields, str(config_path))
     elif hf_config is not None or hasattr(source, "config"):
         chosen = _family_by_type(
@@ -132,7 +133,7 @@ def load_hf(
             "load_hf needs a directory, a Hugging Face model, or a state dict with its "
             "hf_config (a GPT2Config, LlamaConfig or config.json dict)"
         )
-    fields, state_dict = engine.source_state(chosen, source, hf_config)
+    fields, state_dict = files.source_state(chosen, source, hf_config)
     cfg = chosen.config_from_hf(fields, scan_layers=scan_layers)
     cfg = engine.pad_vocab(cfg, pad_vocab_to)
     return cfg, engine.params_from_state_dict(chosen, state_dict, cfg)
@@ -158,4 +159,4 @@ def export_hf(
         cfg, vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id
     )
     state = engine.state_dict_from_params(chosen, cfg, params, vocab_size)
-    return engine.write_directory(out_dir, hf_config, state)
+    return files.write_directory(out_dir, hf_config, state)

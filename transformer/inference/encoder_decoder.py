@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sacrebleu
 
 from transformer.errors import ConfigError
 from transformer.inference.decode import beam_search, until_eos
@@ -193,8 +194,6 @@ def bleu(
     alpha: float = 0.6,
 ) -> tuple[float, list[str]]:
     """Corpus BLEU (sacrebleu, its default 13a tokenisation) of translations of `pairs`."""
-    import sacrebleu
-
     hypotheses = translate(
         cfg, params, tokenizer, [src for src, _ in pairs], beam_size=beam_size, alpha=alpha
     )
