@@ -3,36 +3,26 @@
 Each run here stops before JAX compiles anything."""
 
 import os
-import runpy
-import subprocess
-import sys
 
 import pytest
+from conftest import ROOT, run_python, train
 
-from transformer.train.config import TrainConfig, all_field_names, field_docs
+from transformer.train.config import TrainConfig, all_field_names, field_docs, load_config_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELP_FLAGS = ["--help", "-h", "--helpshort", "--helpfull"]
 
 
 def command(*args):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    cmd = [sys.executable, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
-def train(workdir, *args):
-    return command("train.py", "--config=configs/tiny.py", f"--workdir={workdir}", *args)
+    return run_python(*args, timeout=120)
 
 
 def tiny_config():
-    return runpy.run_path(os.path.join(ROOT, "configs", "tiny.py"))["get_config"]()
+    return load_config_file(ROOT / "configs" / "tiny.py")
 
 
 @pytest.mark.parametrize("help_flag", HELP_FLAGS)
 def test_train_help_lists_every_config_field_with_its_value_and_comment(tmp_path, help_flag):
-    proc = train(tmp_path / "run", help_flag)
+    proc = train(tmp_path / "run", help_flag, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.startswith("usage: python train.py")
@@ -103,7 +93,7 @@ def test_bad_value_is_one_line_and_exit_code_2_before_anything_is_written(
     tmp_path, override, message
 ):
     workdir = tmp_path / "run"
-    proc = train(workdir, override)
+    proc = train(workdir, override, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr[-2000:]

@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, device_env, train_command
+from conftest import train as shared_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP = ".orbax-checkpoint-tmp"  # orbax-checkpoint 0.12.8 saves into <step>.orbax-checkpoint-tmp
 # 40 steps, a checkpoint every 2 and a log every 4: checkpoints at 2 mod 4 hold the metric sums
 # of a half-finished log interval, so resuming from them checks those sums are restored too.
@@ -33,16 +34,6 @@ RUN = (
     "--config.train.log_every_steps=4",
     "--config.train.sample_tokens=0",
 )
-
-
-def command(workdir, *overrides):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        *overrides,
-    ]
 
 
 # The runs share a persistent compilation cache (filled by the uninterrupted run): it halves
@@ -57,24 +48,16 @@ def _remove_compilation_cache():
 
 
 def environment(devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
+    return device_env(
+        devices,
+        JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
 
 
 def train(workdir, *overrides, devices=1):
     """Runs train.py to the end; returns the CompletedProcess (any exit code)."""
-    return subprocess.run(
-        command(workdir, *overrides),
-        cwd=ROOT,
-        env=environment(devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return shared_train(workdir, *overrides, check=False, env=environment(devices))
 
 
 class Run:
@@ -83,7 +66,7 @@ class Run:
     def __init__(self, workdir, *overrides):
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
-            command(workdir, *overrides),
+            [sys.executable, *train_command(workdir, *overrides)],
             cwd=ROOT,
             env=environment(),
             stdout=self.out,

@@ -1,19 +1,16 @@
 """Fine-tuning: a run initialised from Hugging Face GPT-2 weights or from another run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import read_metrics, run_python
+from conftest import train as shared_train
 
 HF_EXTRA = "GPT-2 interop needs the hf extra: pip install torch && pip install -e '.[hf]'"
 
 transformers = pytest.importorskip("transformers", reason=HF_EXTRA)
 pytest.importorskip("torch", reason=HF_EXTRA)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_gpt2_vocab(directory):
@@ -33,18 +30,7 @@ def write_gpt2_vocab(directory):
 
 
 def train(workdir, *overrides):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        "--config.train.sample_tokens=0",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return shared_train(workdir, "--config.train.sample_tokens=0", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +100,10 @@ def test_finetune_resume_and_sample(hf_checkpoint, tmp_path):
     ]
     train(workdir, *flags, "--config.train.stop_at_step=10")
     train(workdir, *flags)  # resumes from its own checkpoint, not from init_from again
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
+    steps = [record["step"] for record in read_metrics(workdir)]
     assert steps == [5, 10, 15, 20]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transformer.sample",
-            f"--workdir={workdir}",
-            "--prompt=the",
-            "--max_new_tokens=5",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_python(
+        "-m", "transformer.sample", f"--workdir={workdir}", "--prompt=the", "--max_new_tokens=5"
     )
     assert proc.returncode == 0 and proc.stdout.startswith("the"), proc.stderr[-2000:]
 
@@ -142,23 +116,13 @@ def test_finetune_resume_and_sample(hf_checkpoint, tmp_path):
         f"--config.checkpoint.init_from={workdir}",
         "--config.train.num_steps=5",
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config=configs/tiny.py",
-            f"--workdir={tmp_path / 'bad'}",
-            *GPT2_FLAGS,
-            "--config.model.num_decoder_layers=3",
-            f"--config.data.gpt2_vocab={hf_checkpoint}",
-            f"--config.checkpoint.init_from={workdir}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = shared_train(
+        tmp_path / "bad",
+        *GPT2_FLAGS,
+        "--config.model.num_decoder_layers=3",
+        f"--config.data.gpt2_vocab={hf_checkpoint}",
+        f"--config.checkpoint.init_from={workdir}",
+        check=False,
     )
     assert proc.returncode == 2
     assert "model.num_decoder_layers: 2 there, 3 here" in proc.stderr
@@ -233,16 +197,14 @@ def test_llama_directory_finetunes_with_its_tokenizer_and_samples(llama_checkpoi
         f"--config.checkpoint.init_from={llama_checkpoint}",
         "--config.train.num_steps=5",
     )
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        first = json.loads(f.readline())
+    first = read_metrics(workdir)[0]
     assert first["step"] == 5 and np.isfinite(first["train_loss"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "transformer.sample", f"--workdir={workdir}", "--prompt=the king"]
-        + ["--max_new_tokens=5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_python(
+        "-m",
+        "transformer.sample",
+        f"--workdir={workdir}",
+        "--prompt=the king",
+        "--max_new_tokens=5",
     )
     assert proc.returncode == 0 and proc.stdout.startswith("the king"), proc.stderr[-2000:]
     # The run's tokenizer is the model's own.

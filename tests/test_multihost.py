@@ -2,7 +2,6 @@
 `jax.distributed.initialize` on 127.0.0.1 with gloo collectives, train, stop, resume, and log
 the same losses as one process with four devices. Also: restore on a different mesh."""
 
-import json
 import os
 import socket
 import subprocess
@@ -10,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, device_env, read_metrics, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = [
     "--config=configs/tiny.py",
     "--config.train.num_steps=12",
@@ -28,20 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_with_devices(n: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def run_single(workdir, *extra, devices=4):
-    cmd = [sys.executable, "train.py", f"--workdir={workdir}", *COMMON, *extra]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env_with_devices(devices), capture_output=True, text=True, timeout=300
+    return run_python(
+        "train.py", f"--workdir={workdir}", *COMMON, *extra, devices=devices, check=True
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def run_two_processes(workdir, *extra):
@@ -59,7 +48,7 @@ def run_two_processes(workdir, *extra):
                 f"--process_id={i}",
             ],
             cwd=ROOT,
-            env=env_with_devices(2),
+            env=device_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -73,8 +62,7 @@ def run_two_processes(workdir, *extra):
 
 
 def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(r["step"], r["train_loss"], r.get("val_loss")) for r in map(json.loads, f)]
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(workdir)]
 
 
 def assert_same_losses(a, b):

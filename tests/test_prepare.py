@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_python
 
 from transformer.data import documents
 from transformer.data.config import DataConfig
@@ -22,7 +23,6 @@ from transformer.data.shards import TokenShards, prepare_shards
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"Document {i}: {'é to be or not ✓ ' * (i + 3)}\nline two of {i}.\n" for i in range(10)]
 
 
@@ -328,8 +328,7 @@ def test_prepare_command_does_one_shard_and_says_what_is_left(corpus_spec, tmp_p
     ]
 
     def prepare_shard(shard: int) -> subprocess.CompletedProcess:
-        args = [*command, f"--shard={shard}", "--num_shards=2"]
-        return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return run_python(*command[1:], f"--shard={shard}", "--num_shards=2")
 
     proc = prepare_shard(1)
     assert proc.returncode == 0, proc.stderr[-2000:]

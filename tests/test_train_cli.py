@@ -2,38 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train(workdir, *overrides, check=True, devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from conftest import ROOT, read_metrics, run_python, train
 
 
 def losses(workdir):
-    return [(m["step"], m["train_loss"], m.get("val_loss")) for m in metrics(workdir)]
+    return [(m["step"], m["train_loss"], m.get("val_loss")) for m in read_metrics(workdir)]
 
 
 def final_params(workdir):
@@ -58,7 +34,7 @@ def test_workdir_holds_config_tokenizer_checkpoints_and_metrics(straight_run):
     )
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
-    records = metrics(workdir)
+    records = read_metrics(workdir)
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     for key in ("train_loss", "learning_rate", "tokens_per_sec", "mfu"):
         assert all(isinstance(r[key], float) for r in records)
@@ -153,27 +129,29 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, overrides, m
 
 
 def test_loading_a_run_from_python_prints_no_library_warnings(straight_run):
+    from transformer import load_run
+    from transformer.inference import generate
+
     workdir, _ = straight_run
     code = (
         "from transformer import load_run\n"
         "from transformer.inference import generate\n"
         f"cfg, params, tokenizer = load_run({workdir!r})\n"
-        "print(generate(cfg, params, tokenizer, ['RO'], max_new_tokens=5)[0])\n"
+        "print(repr(generate(cfg, params, tokenizer, ['RO'], max_new_tokens=5, temperature=0)[0]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(proc.stdout.strip()) > 0
+    proc = run_python("-c", code, check=True)
     assert "WARNING" not in proc.stderr, proc.stderr
+    # A fresh process gives the greedy text this one does.
+    cfg, params, tokenizer = load_run(workdir)
+    expected = generate(cfg, params, tokenizer, ["RO"], max_new_tokens=5, temperature=0)[0]
+    assert proc.stdout.strip() == repr(expected)
 
 
 def test_sample_command_continues_a_prompt(straight_run):
     workdir, _ = straight_run
-    cmd = [sys.executable, "-m", "transformer.sample", f"--workdir={workdir}", "--prompt=ROMEO:"]
+    cmd = ["-m", "transformer.sample", f"--workdir={workdir}", "--prompt=ROMEO:"]
     cmd += ["--max_new_tokens=8", "--temperature=0", "--num_samples=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_python(*cmd, check=True)
     lines = proc.stdout.splitlines()
     assert lines[0::2] == ["--- sample 1 ---", "--- sample 2 ---"]
     greedy = lines[1::2]  # temperature 0: the same continuation twice, 8 tokens after the prompt
