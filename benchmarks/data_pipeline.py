@@ -16,6 +16,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from transformer.data.batching import iterator
 from transformer.data.bundled import load_shakespeare_plays
@@ -25,15 +28,26 @@ from transformer.data.shards import TokenShards, prepare_shards
 from transformer.data.tokenizer import Tokenizer
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (sequences)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--batches", type=int, default=2000, help="batches to time the loader on")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    results = measure(args)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Times each stage: reading the plays, training the BPE, encoding, then the loader."""
     start = time.perf_counter()
     plays = load_shakespeare_plays()
     train_docs = list(plays["train"].values())
@@ -51,17 +65,8 @@ def main() -> None:
         encode_s = time.perf_counter() - start
         tokens = TokenShards.open(cache, "train").to_array()  # the directory goes away
 
-    it = iterator(
-        lm_train_dataset(tokens, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0)
-    )
-    for _ in range(20):  # warm up the prefetch threads
-        next(it)
-    start = time.perf_counter()
-    for _ in range(args.batches):
-        next(it)
-    loader_s = time.perf_counter() - start
-
-    results = {
+    loader_s = time_loader(tokens, args.batch_size, args.seq_len, args.batches)
+    return {
         "shakespeare_train_chars": chars,
         "load_normalise_s": load_s,
         "bpe_vocab_size": tokenizer.vocab_size,
@@ -75,16 +80,32 @@ def main() -> None:
         "loader_tokens_per_s": args.batches * args.batch_size * args.seq_len / loader_s,
         "cpu_count": os.cpu_count(),
     }
+
+
+def time_loader(tokens: np.ndarray, batch_size: int, seq_len: int, batches: int) -> float:
+    """Seconds the LM loader takes to hand over `batches` batches once warmed up."""
+    it = iterator(lm_train_dataset(tokens, seq_len=seq_len, global_batch_size=batch_size, seed=0))
+    for _ in range(20):  # warm up the prefetch threads
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return time.perf_counter() - start
+
+
+def report(results: dict[str, Any]) -> None:
+    chars, tokens = results["shakespeare_train_chars"], results["train_tokens"]
+    load_s = results["load_normalise_s"]
     rows = [
         ("Shakespeare train text", f"{chars / 1e6:.2f} M chars, read+normalised in {load_s:.2f} s"),
-        (f"BPE training ({tokenizer.vocab_size} vocab)", f"{train_s:.2f} s"),
+        (f"BPE training ({results['bpe_vocab_size']} vocab)", f"{results['bpe_train_s']:.2f} s"),
         (
             "encode train split",
-            f"{encode_s:.2f} s -> {len(tokens) / 1e6:.2f} M tokens "
-            f"({chars / len(tokens):.2f} chars/token)",
+            f"{results['encode_s']:.2f} s -> {tokens / 1e6:.2f} M tokens "
+            f"({results['chars_per_token']:.2f} chars/token)",
         ),
         (
-            f"LM loader ({args.batch_size} x {args.seq_len})",
+            f"LM loader ({results['batch_size']} x {results['seq_len']})",
             f"{results['loader_batches_per_s']:,.0f} batches/s, "
             f"{results['loader_tokens_per_s'] / 1e6:,.1f} M tokens/s",
         ),
@@ -92,8 +113,6 @@ def main() -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -208,63 +208,17 @@ def main() -> None:
     params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     prompt = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.prompt_len))
     prompt = prompt.astype(np.int32)
-    n = args.new_tokens
-    generated = args.batch * n
-
-    # Cached: one compiled program for the whole loop.
-    run_cached = functools.partial(
-        cached_generate,
-        params,
-        jnp.asarray(prompt),
-        cfg=cfg,
-        max_new_tokens=n,
-    )
-    start = time.perf_counter()
-    cached_tokens = np.asarray(run_cached())
-    cached_first = time.perf_counter() - start
-    cached_times = common.time_calls(lambda: run_cached().block_until_ready(), args.repeats)
-
+    cached_tokens, cached = time_cached(args, cfg, params, prompt)
     results: dict[str, Any] = {
         "machine": machine,
-        "model": {
-            "config": args.config,
-            "layers": cfg.num_decoder_layers,
-            "heads": cfg.num_heads,
-            "d_model": cfg.d_model,
-            "d_ff": cfg.d_ff,
-            "vocab": args.vocab,
-            "max_len": cfg.max_len,
-            "num_params": count_params(params),
-            "dtype": cfg.dtype,
-            "param_dtype": cfg.param_dtype,
-        },
+        "model": model_results(args, cfg, params),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
-        "new_tokens": n,
-        "cached": {
-            "s_median": common.median(cached_times),
-            "s_min": min(cached_times),
-            "first_call_s": cached_first,
-            "tokens_per_s": generated / common.median(cached_times),
-        },
+        "new_tokens": args.new_tokens,
+        "cached": cached,
     }
     if not args.no_recompute:
-        # Recomputing: compile the fixed-length forward once, then time whole generations.
-        forward = make_forward(cfg)
-        start = time.perf_counter()
-        uncached_generate(forward, params, prompt, 1, args.vocab)
-        uncached_compile = time.perf_counter() - start
-        uncached_times = []
-        for _ in range(max(1, min(args.repeats, 2))):
-            start = time.perf_counter()
-            uncached_tokens = uncached_generate(forward, params, prompt, n, args.vocab)
-            uncached_times.append(time.perf_counter() - start)
-        results["recompute"] = {
-            "s_median": common.median(uncached_times),
-            "s_min": min(uncached_times),
-            "compile_s": uncached_compile,
-            "tokens_per_s": generated / common.median(uncached_times),
-        }
+        uncached_tokens, results["recompute"] = time_recompute(args, cfg, params, prompt)
         # Greedy from the same weights: the two of ours must agree token for token (up to
         # float near-ties, which random weights make rare).
         results["cached_equals_recompute"] = float(np.mean(cached_tokens == uncached_tokens))
@@ -276,38 +230,103 @@ def main() -> None:
         print(f"transformers reference skipped: {skipped}")
     if device is not None:
         try:
-            hf = HFReference(cfg, args.vocab, prompt, n, device, args.cache_implementation)
-            warm_up_s = hf.warm_up()
-            hf_times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                hf_tokens = hf.run()
-                hf_times.append(time.perf_counter() - start)
-            assert hf_tokens.shape == (args.batch, n), hf_tokens.shape
+            results["reference"] = time_reference(args, cfg, prompt, device)
         except Exception as error:  # noqa: BLE001 - ours is measured and reported regardless
             results["reference_error"] = common.short_error(error)
             print(f"transformers reference failed; ours alone: {results['reference_error']}")
-            device = None
-    if device is not None:
-        results["reference"] = {
-            "library": hf.description,
-            "device": device,
-            "dtype": hf.dtype,
-            "cache_implementation": args.cache_implementation,
-            "compiled": hf.compiles,
-            "compile_error": hf.compile_error,
-            "warm_up_s": warm_up_s,
-            "num_params": hf.num_params,
-            "s_median": common.median(hf_times),
-            "s_min": min(hf_times),
-            "tokens_per_s": generated / common.median(hf_times),
-        }
-        results["cached_speedup_vs_reference"] = (
-            results["reference"]["s_median"] / results["cached"]["s_median"]
-        )
+        else:
+            results["cached_speedup_vs_reference"] = (
+                results["reference"]["s_median"] / results["cached"]["s_median"]
+            )
     results["machine"]["load_average_end"] = common.load_average()
     report(results)
     common.write_json(args.json, results)
+
+
+def model_results(args: argparse.Namespace, cfg: ModelConfig, params: Any) -> dict[str, Any]:
+    """The model as the report describes it."""
+    return {
+        "config": args.config,
+        "layers": cfg.num_decoder_layers,
+        "heads": cfg.num_heads,
+        "d_model": cfg.d_model,
+        "d_ff": cfg.d_ff,
+        "vocab": args.vocab,
+        "max_len": cfg.max_len,
+        "num_params": count_params(params),
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+    }
+
+
+def speed(times: list[float], tokens: int, **first_call_s: float) -> dict[str, float]:
+    """Median and best of timed runs that each generate `tokens` tokens, with the seconds of
+    the first (compiling) call under the name given."""
+    median = common.median(times)
+    return {
+        "s_median": median,
+        "s_min": min(times),
+        **first_call_s,
+        "tokens_per_s": tokens / median,
+    }
+
+
+def time_cached(
+    args: argparse.Namespace, cfg: ModelConfig, params: Any, prompt: np.ndarray
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Ours with the KV cache, one compiled program for the whole loop: its tokens and speed."""
+    run = functools.partial(
+        cached_generate, params, jnp.asarray(prompt), cfg=cfg, max_new_tokens=args.new_tokens
+    )
+    start = time.perf_counter()
+    tokens = np.asarray(run())
+    first_call_s = time.perf_counter() - start
+    times = common.time_calls(lambda: run().block_until_ready(), args.repeats)
+    return tokens, speed(times, args.batch * args.new_tokens, first_call_s=first_call_s)
+
+
+def time_recompute(
+    args: argparse.Namespace, cfg: ModelConfig, params: Any, prompt: np.ndarray
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Ours recomputing the whole sequence each step: its tokens and speed. The fixed-length
+    forward pass compiles once, then whole generations are timed (at most twice: it is slow)."""
+    forward = make_forward(cfg)
+    start = time.perf_counter()
+    uncached_generate(forward, params, prompt, 1, args.vocab)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, min(args.repeats, 2))):
+        start = time.perf_counter()
+        tokens = uncached_generate(forward, params, prompt, args.new_tokens, args.vocab)
+        times.append(time.perf_counter() - start)
+    return tokens, speed(times, args.batch * args.new_tokens, compile_s=compile_s)
+
+
+def time_reference(
+    args: argparse.Namespace, cfg: ModelConfig, prompt: np.ndarray, device: str
+) -> dict[str, Any]:
+    """`generate` on `device`, warmed up (compiled, if it compiles) and timed: how it ran and
+    its speed."""
+    n = args.new_tokens
+    hf = HFReference(cfg, args.vocab, prompt, n, device, args.cache_implementation)
+    warm_up_s = hf.warm_up()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        hf_tokens = hf.run()
+        times.append(time.perf_counter() - start)
+    assert hf_tokens.shape == (args.batch, n), hf_tokens.shape
+    return {
+        "library": hf.description,
+        "device": device,
+        "dtype": hf.dtype,
+        "cache_implementation": args.cache_implementation,
+        "compiled": hf.compiles,
+        "compile_error": hf.compile_error,
+        "warm_up_s": warm_up_s,
+        "num_params": hf.num_params,
+        **speed(times, args.batch * n),
+    }
 
 
 def report(results: dict[str, Any]) -> None:

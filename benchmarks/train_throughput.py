@@ -259,6 +259,38 @@ class Reference:
         return int(self.torch.cuda.max_memory_allocated())
 
 
+@dataclasses.dataclass(frozen=True)
+class Yardstick:
+    """What turns either model's step times into throughput and MFU."""
+
+    tokens_per_step: int
+    devices: int  # 1 on the CPU: simulated CPU devices share its cores
+    measured_flops: float  # the machine's limit: the best matmul any round reached
+    published_flops: float | None  # the dense bfloat16 peak of a known accelerator
+
+    def summary(
+        self, times: list[float], losses: list[float], num_params: int, flops: float
+    ) -> dict[str, Any]:
+        """One model's numbers, from its step `times` and `losses`; `flops` per token."""
+        step_s = common.median(times)
+        tokens_per_s = self.tokens_per_step / step_s
+        achieved = tokens_per_s * flops / self.devices
+        published = self.published_flops
+        return {
+            "tokens_per_s": tokens_per_s,
+            "step_s_median": step_s,
+            "step_s_min": min(times),
+            "steps_timed": len(times),
+            "num_params": num_params,
+            "flops_per_token": flops,
+            "achieved_flops_per_device": achieved,
+            "mfu_vs_measured_matmul": achieved / self.measured_flops,
+            "mfu_vs_published_peak": achieved / published if published else None,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
+
+
 def main() -> None:
     args = parse_args()
     if args.no_reference:
@@ -266,108 +298,46 @@ def main() -> None:
     common.make_room_for_torch(args.reference_device)
     keep_memory = hostmem.configure(args.keep_host_memory)
     config = build_config(args)
-    batch, seq_len = config.train.batch_size, config.data.seq_len
-    tokens = np.random.default_rng(0).integers(0, args.vocab, (batch, seq_len + 1), np.int32)
-    platform = jax.local_devices()[0].platform
     machine = common.machine()  # load average now, before this run adds to it
     machine["keep_freed_host_memory"] = keep_memory
+    results = benchmark(args, config, machine)
+    results["machine"]["load_average_end"] = common.load_average()
+    report(results)
+    common.write_json(args.json, results)
+
+
+def benchmark(args: argparse.Namespace, config: Any, machine: dict[str, Any]) -> dict[str, Any]:
+    """Both models warmed up, then timed in alternating rounds: the results `report` prints."""
+    batch, seq_len = config.train.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (batch, seq_len + 1), np.int32)
+    platform = machine["platform"]
     ref_device, ref_skipped = common.reference_device(args.reference_device, platform)
     if ref_device is None and args.reference_device != "none":
         print(f"transformers+torch reference skipped: {ref_skipped}")
 
-    ours = Ours(config, args.vocab, tokens)
+    ours, memory_ours, memory_source = warm_up_ours(config, args.vocab, tokens, args.warmup)
     cfg = ours.model_cfg
-    for _ in range(args.warmup):
-        ours.step()
-    memory_ours = common.device_peak_memory_bytes()
-    memory_source = "device peak_bytes_in_use"
-    if memory_ours is None:
-        memory_ours, memory_source = common.peak_host_memory_bytes(), "process RSS high-water"
-
     reference, reference_error = None, None
     if ref_device is not None:
-        compile_ref = (
-            ref_device == "cuda" if args.reference_compile is None else args.reference_compile
-        )
-        try:
-            reference = Reference(config, cfg, args.vocab, tokens, ref_device, compile_ref)
-            for _ in range(max(args.warmup, 1)):  # the first step compiles, if compiling
-                reference.step()
-        except Exception as error:  # noqa: BLE001 - ours still gets measured and reported
-            reference, reference_error = None, common.short_error(error)
-            print(f"transformers+torch reference failed; ours alone: {reference_error}")
+        reference, reference_error = warm_up_reference(args, config, cfg, tokens, ref_device)
     rss_all = common.peak_host_memory_bytes()
 
-    # Alternate blocks of steps (and the matmul peak) so that outside load affects all alike.
-    big = platform != "cpu"
     # float32 on CPU; on accelerators the compute dtype (bfloat16 for GPT-2 small).
     matmul_dtype = jnp.float32 if platform == "cpu" else jnp.dtype(config.model.dtype)
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    matmul: list[float] = []
-    per_round = max(args.steps // args.rounds, 1)
-    for _ in range(args.rounds):
-        with ours.setup.within_mesh():
-            times["ours"] += common.time_calls(ours.step, per_round)
-        matmul.append(measure_matmul_flops(size=8192 if big else 2048, dtype=matmul_dtype))
-        if reference is not None:
-            time.sleep(0.2)  # let torch's and XLA's worker threads go idle between blocks
-            times["reference"] += common.time_calls(reference.step, per_round)
-            time.sleep(0.2)
-
-    devices = 1 if platform == "cpu" else jax.device_count()  # simulated CPU devices share cores
-    tokens_per_step = batch * seq_len
-    flops_token = flops_per_token(cfg, ours.num_params, seq_len)
-    measured = max(matmul)  # the machine's limit: the best any round reached
-    published = known_peak_flops(jax.local_devices()[0])
-
-    def summary(name: str, num_params: int, losses: list[float]) -> dict[str, Any]:
-        step_s = common.median(times[name])
-        tokens_per_s = tokens_per_step / step_s
-        flops = flops_per_token(
-            dataclasses.replace(cfg, vocab_size=args.vocab), num_params, seq_len
-        )
-        if name == "ours":
-            flops = flops_token
-        achieved = tokens_per_s * flops / devices
-        return {
-            "tokens_per_s": tokens_per_s,
-            "step_s_median": step_s,
-            "step_s_min": min(times[name]),
-            "steps_timed": len(times[name]),
-            "num_params": num_params,
-            "flops_per_token": flops,
-            "achieved_flops_per_device": achieved,
-            "mfu_vs_measured_matmul": achieved / measured,
-            "mfu_vs_published_peak": achieved / published if published else None,
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-        }
-
+    times, measured = time_rounds(args, ours, reference, platform, matmul_dtype)
+    devices = 1 if platform == "cpu" else jax.device_count()
+    yardstick = Yardstick(
+        batch * seq_len, devices, measured, known_peak_flops(jax.local_devices()[0])
+    )
+    ours_flops = flops_per_token(cfg, ours.num_params, seq_len)
     results: dict[str, Any] = {
         "machine": machine,
-        "shape": {
-            "layers": cfg.num_decoder_layers,
-            "heads": cfg.num_heads,
-            "d_model": cfg.d_model,
-            "d_ff": cfg.d_ff,
-            "context": seq_len,
-            "batch": batch,
-            "vocab": args.vocab,
-            "embedding_rows": cfg.vocab_size,
-            "dtype": cfg.dtype,
-            "scan_layers": cfg.scan_layers,
-            "remat_policy": cfg.remat_policy,
-            "attention_impl": cfg.attention_impl,
-            "kernels": cfg.kernels,
-            "kernels_resolved": ops.kernels(cfg.kernels).name,
-            "config": args.config or "default",
-            "overrides": list(args.set),
-        },
+        "shape": shape_results(args, cfg, batch, seq_len),
         "measured_matmul_flops": measured,
         "measured_matmul_dtype": jnp.dtype(matmul_dtype).name,
-        "published_peak_flops": published,
+        "published_peak_flops": yardstick.published_flops,
         "ours": {
-            **summary("ours", ours.num_params, ours.losses),
+            **yardstick.summary(times["ours"], ours.losses, ours.num_params, ours_flops),
             "lower_s": ours.lower_s,
             "compile_s": ours.compile_s,
             "peak_memory_bytes": memory_ours,
@@ -377,27 +347,121 @@ def main() -> None:
     if reference_error is not None:
         results["reference_error"] = reference_error
     if reference is not None:
-        results["reference"] = {
-            **summary("reference", reference.num_params, reference.losses),
-            "library": reference.description,
-            "device": reference.device,
-            "torch": reference.torch.__version__,
-            "attention": reference.attention,
-            "autocast_bfloat16": reference.autocast,
-            "fused_adamw": reference.fused_adamw,
-            "compiled": reference.compiled,
-            "compile_error": reference.compile_error,
-            "first_step_s": reference.first_step_s,
-            "threads": reference.torch.get_num_threads(),
-            "peak_memory_bytes": reference.peak_memory_bytes(),
-            "peak_memory_bytes_process": rss_all,
-        }
+        # The reference's own shape: `vocab` embedding rows where ours may pad.
+        ref_cfg = dataclasses.replace(cfg, vocab_size=args.vocab)
+        ref_flops = flops_per_token(ref_cfg, reference.num_params, seq_len)
+        throughput = yardstick.summary(
+            times["reference"], reference.losses, reference.num_params, ref_flops
+        )
+        results["reference"] = reference_results(reference, throughput, rss_all)
         results["ratio_tokens_per_s"] = (
             results["ours"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
         )
-    results["machine"]["load_average_end"] = common.load_average()
-    report(results)
-    common.write_json(args.json, results)
+    return results
+
+
+def warm_up_ours(config: Any, vocab: int, tokens: np.ndarray, warmup: int) -> tuple[Ours, int, str]:
+    """Our train step compiled and run `warmup` times; its peak memory and where that is from."""
+    ours = Ours(config, vocab, tokens)
+    for _ in range(warmup):
+        ours.step()
+    memory = common.device_peak_memory_bytes()
+    if memory is None:
+        return ours, common.peak_host_memory_bytes(), "process RSS high-water"
+    return ours, memory, "device peak_bytes_in_use"
+
+
+def warm_up_reference(
+    args: argparse.Namespace, config: Any, model_cfg: Any, tokens: np.ndarray, device: str
+) -> tuple[Reference | None, str | None]:
+    """The reference on `device` after its warm-up steps, or None and why it failed."""
+    compile_ref = device == "cuda" if args.reference_compile is None else args.reference_compile
+    try:
+        reference = Reference(config, model_cfg, args.vocab, tokens, device, compile_ref)
+        for _ in range(max(args.warmup, 1)):  # the first step compiles, if compiling
+            reference.step()
+    except Exception as error:  # noqa: BLE001 - ours still gets measured and reported
+        reference_error = common.short_error(error)
+        print(f"transformers+torch reference failed; ours alone: {reference_error}")
+        return None, reference_error
+    return reference, None
+
+
+def time_rounds(
+    args: argparse.Namespace,
+    ours: Ours,
+    reference: Reference | None,
+    platform: str,
+    matmul_dtype: Any,
+) -> tuple[dict[str, list[float]], float]:
+    """Step times of each model, and the best matmul FLOP/s of any round."""
+    # Alternate blocks of steps (and the matmul peak) so that outside load affects all alike.
+    size = 2048 if platform == "cpu" else 8192
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    matmul: list[float] = []
+    per_round = max(args.steps // args.rounds, 1)
+    for _ in range(args.rounds):
+        with ours.setup.within_mesh():
+            times["ours"] += common.time_calls(ours.step, per_round)
+        matmul.append(measure_matmul_flops(size=size, dtype=matmul_dtype))
+        if reference is not None:
+            time.sleep(0.2)  # let torch's and XLA's worker threads go idle between blocks
+            times["reference"] += common.time_calls(reference.step, per_round)
+            time.sleep(0.2)
+    return times, max(matmul)
+
+
+def shape_results(args: argparse.Namespace, cfg: Any, batch: int, seq_len: int) -> dict[str, Any]:
+    """The model and run shape, as configured and as resolved."""
+    return {
+        "layers": cfg.num_decoder_layers,
+        "heads": cfg.num_heads,
+        "d_model": cfg.d_model,
+        "d_ff": cfg.d_ff,
+        "context": seq_len,
+        "batch": batch,
+        "vocab": args.vocab,
+        "embedding_rows": cfg.vocab_size,
+        "dtype": cfg.dtype,
+        "scan_layers": cfg.scan_layers,
+        "remat_policy": cfg.remat_policy,
+        "attention_impl": cfg.attention_impl,
+        "kernels": cfg.kernels,
+        "kernels_resolved": ops.kernels(cfg.kernels).name,
+        "config": args.config or "default",
+        "overrides": list(args.set),
+    }
+
+
+def reference_results(
+    reference: Reference, throughput: dict[str, Any], rss_all: int
+) -> dict[str, Any]:
+    """The reference's `throughput` and how it ran; `rss_all` is the process's peak, both
+    models' together."""
+    return {
+        **throughput,
+        "library": reference.description,
+        "device": reference.device,
+        "torch": reference.torch.__version__,
+        "attention": reference.attention,
+        "autocast_bfloat16": reference.autocast,
+        "fused_adamw": reference.fused_adamw,
+        "compiled": reference.compiled,
+        "compile_error": reference.compile_error,
+        "first_step_s": reference.first_step_s,
+        "threads": reference.torch.get_num_threads(),
+        "peak_memory_bytes": reference.peak_memory_bytes(),
+        "peak_memory_bytes_process": rss_all,
+    }
+
+
+def mfu(x: dict[str, Any], key: str) -> str:
+    """An MFU fraction as a table cell."""
+    if x[key] is None:
+        return "n/a"
+    if x[key] > 1.0:  # a limit measured while something else held the cores: not a limit
+        return "n/a (peak measured too low)"
+    return f"{100 * x[key]:.1f}%"
 
 
 def report(results: dict[str, Any]) -> None:
@@ -414,17 +478,29 @@ def report(results: dict[str, Any]) -> None:
         f"load average {load} at start"
         + (", freed host memory kept (as train.py on CPU)" if m["keep_freed_host_memory"] else "")
     )
+    rows = ours_rows(results)
+    if r is not None:
+        print_side_by_side(rows, r)
+    else:
+        common.print_table(["", "ours (JAX/Flax)"], rows)
     peak = results["published_peak_flops"]
-    measured = results["measured_matmul_flops"]
+    print(
+        f"machine limit: measured {results['measured_matmul_dtype']} matmul "
+        f"{results['measured_matmul_flops'] / 1e9:,.1f} GFLOP/s"
+        + (f"; published peak {peak / 1e12:,.0f} TFLOP/s" if peak else "")
+        + f"; peak memory: {o['peak_memory_source']}"
+    )
+    if r is not None:
+        print(f"ours / transformers+torch tokens/s: {results['ratio_tokens_per_s']:.2f}x")
+    end = m.get("load_average_end")
+    if end:
+        print(f"load average at end: {', '.join(f'{x:.2f}' for x in end)}")
 
-    def mfu(x: dict[str, Any], key: str) -> str:
-        if x[key] is None:
-            return "n/a"
-        if x[key] > 1.0:  # a limit measured while something else held the cores: not a limit
-            return "n/a (peak measured too low)"
-        return f"{100 * x[key]:.1f}%"
 
-    rows = [
+def ours_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's first two columns: what each row measures, and our number."""
+    o = results["ours"]
+    return [
         ("tokens/s", f"{o['tokens_per_s']:,.0f}"),
         ("step time, median (ms)", f"{1e3 * o['step_s_median']:.1f}"),
         ("step time, min (ms)", f"{1e3 * o['step_s_min']:.1f}"),
@@ -438,48 +514,38 @@ def report(results: dict[str, Any]) -> None:
         ("MFU vs published bf16 peak", mfu(o, "mfu_vs_published_peak")),
         ("loss first -> last", f"{o['loss_first']:.3f} -> {o['loss_last']:.3f}"),
     ]
-    if r is not None:
-        on_cuda = r.get("device") == "cuda"
-        memory = (
-            f"{r['peak_memory_bytes'] / 2**20:,.0f}"
-            if on_cuda and r.get("peak_memory_bytes") is not None
-            else f"{r['peak_memory_bytes_process'] / 2**20:,.0f} (both)"
-        )
-        first = r.get("first_step_s")
-        ref = [
-            f"{r['tokens_per_s']:,.0f}",
-            f"{1e3 * r['step_s_median']:.1f}",
-            f"{1e3 * r['step_s_min']:.1f}",
-            "-" if first is None else f"{first:.2f} (first step)",
-            memory,
-            f"{r['achieved_flops_per_device'] / 1e9:,.1f}",
-            mfu(r, "mfu_vs_measured_matmul"),
-            mfu(r, "mfu_vs_published_peak"),
-            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
-        ]
-        where = "CUDA" if on_cuda else f"{r['threads']} threads"
-        if r.get("compiled"):
-            where += ", compiled"
-        common.print_table(
-            ["", "ours (JAX/Flax)", f"transformers+torch ({where})"],
-            [(name, value, theirs) for (name, value), theirs in zip(rows, ref, strict=False)],
-        )
-        print(f"reference: {r['library']}")
-        if r.get("compile_error"):
-            print(f"reference: torch.compile failed, ran eagerly: {r['compile_error']}")
-    else:
-        common.print_table(["", "ours (JAX/Flax)"], rows)
-    print(
-        f"machine limit: measured {results['measured_matmul_dtype']} matmul "
-        f"{measured / 1e9:,.1f} GFLOP/s"
-        + (f"; published peak {peak / 1e12:,.0f} TFLOP/s" if peak else "")
-        + f"; peak memory: {o['peak_memory_source']}"
+
+
+def print_side_by_side(rows: list[tuple[str, str]], r: dict[str, Any]) -> None:
+    """The table with the reference's column `r` next to ours, then what the reference was."""
+    on_cuda = r.get("device") == "cuda"
+    memory = (
+        f"{r['peak_memory_bytes'] / 2**20:,.0f}"
+        if on_cuda and r.get("peak_memory_bytes") is not None
+        else f"{r['peak_memory_bytes_process'] / 2**20:,.0f} (both)"
     )
-    if r is not None:
-        print(f"ours / transformers+torch tokens/s: {results['ratio_tokens_per_s']:.2f}x")
-    end = m.get("load_average_end")
-    if end:
-        print(f"load average at end: {', '.join(f'{x:.2f}' for x in end)}")
+    first = r.get("first_step_s")
+    ref = [
+        f"{r['tokens_per_s']:,.0f}",
+        f"{1e3 * r['step_s_median']:.1f}",
+        f"{1e3 * r['step_s_min']:.1f}",
+        "-" if first is None else f"{first:.2f} (first step)",
+        memory,
+        f"{r['achieved_flops_per_device'] / 1e9:,.1f}",
+        mfu(r, "mfu_vs_measured_matmul"),
+        mfu(r, "mfu_vs_published_peak"),
+        f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+    ]
+    where = "CUDA" if on_cuda else f"{r['threads']} threads"
+    if r.get("compiled"):
+        where += ", compiled"
+    common.print_table(
+        ["", "ours (JAX/Flax)", f"transformers+torch ({where})"],
+        [(name, value, theirs) for (name, value), theirs in zip(rows, ref, strict=False)],
+    )
+    print(f"reference: {r['library']}")
+    if r.get("compile_error"):
+        print(f"reference: torch.compile failed, ran eagerly: {r['compile_error']}")
 
 
 if __name__ == "__main__":
