@@ -16,7 +16,7 @@ that torch has room in the same process).
 MFU counts 6N + 12 L H Q T FLOPs per token (`transformer.metrics.flops_per_token`) against a
 float32 matrix product measured in the same run and, on known accelerators, the published dense
 bfloat16 peak. On CPU, freed host memory is kept for reuse as `train.py` does
-(`transformer/hostmem.py`); `--no-keep-host-memory` measures without it.
+(`transformer/train/hostmem.py`); `--no-keep-host-memory` measures without it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
         "--keep-host-memory",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="let glibc reuse freed memory instead of unmapping it (transformer/hostmem.py); "
+        help="let glibc reuse freed memory instead of unmapping it (transformer/train/hostmem.py); "
         "default: as train.py does, i.e. on when running on the CPU. Applies to both models, "
         "since they share the process",
     )

@@ -9,8 +9,8 @@
 The directory is what `save_pretrained` writes (config.json, model.safetensors) plus the model's
 tokenizer.json; the model fields below are `preset('smollm_135m')`, which is that checkpoint's
 shape, and a different checkpoint is refused with the fields that differ. For another Llama-style
-model, change the model fields to its config.json's (`transformer.convert.config_from_hf_llama`
-prints them: `dict(config_from_hf_llama(json.load(open('config.json'))).to_dict())`).
+model, change the model fields to its config.json's (`transformer.hf.config_from_hf` gives
+them: `config_from_hf(json.load(open('config.json'))).to_dict()`).
 """
 
 from transformer.model.config import PRESETS

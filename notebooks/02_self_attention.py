@@ -25,7 +25,7 @@
 # 3. draws the causal, padding and packing masks;
 # 4. looks at the attention maps of every head of a (briefly) trained GPT.
 #
-# Shape legend, as in `transformer/layers.py`: `b` batch, `t` query length, `s` key length,
+# Shape legend, as in `transformer/model/layers.py`: `b` batch, `t` query length, `s` key length,
 # `n` heads, `h` head dimension ($d_k = d_v$), `d` model width.
 
 # %%

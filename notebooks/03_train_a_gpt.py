@@ -16,7 +16,7 @@
 # # 3. Train a GPT, stop, resume, sample
 #
 # The training loop that `python train.py` runs is one library function,
-# `transformer.trainer.train_and_evaluate(config, workdir)`. This notebook calls it directly:
+# `transformer.train.run.train_and_evaluate(config, workdir)`. This notebook calls it directly:
 #
 # 1. loads `configs/default.py` (a small character-level GPT-2 on Shakespeare),
 # 2. trains to half way and stops (`config.train.stop_at_step`), as a killed job would,
@@ -187,7 +187,7 @@ if CHECK_EXACT:
 # workdir; `generate` continues prompts with a KV cache. At each step the next token is drawn
 # from `softmax(logits / temperature)`: a low temperature sharpens the distribution towards
 # the most likely character (0 is greedy argmax), a high one flattens it. Top-k keeps only the
-# `k` most likely tokens (`transformer.decode.top_k_filter`), cutting off the long tail of
+# `k` most likely tokens (`transformer.inference.decode.top_k_filter`), cutting off the long tail of
 # unlikely characters that a high temperature inflates.
 #
 # Greedy decoding tends to loop on the most likely phrases; sampling brings variety, and more

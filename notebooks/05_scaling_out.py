@@ -69,7 +69,7 @@ print(np.vectorize(lambda d: d.id)(mesh.devices))  # device ids, indexed [data, 
 # ## Logical axes and the rules table
 #
 # Every parameter names its axes (`embed`, `heads`, `kv`, `mlp`, `vocab`, ...) where it is
-# created (`transformer/layers.py`), and activations have names of their own
+# created (`transformer/model/layers.py`), and activations have names of their own
 # (`activation_batch`, `activation_embed`, ...); one table maps logical names to mesh axes:
 #
 # * **DP**: nothing maps to `data` except the batch. Every device holds all parameters and

@@ -63,7 +63,7 @@ class Corpus:
         return self._loader()
 
     def units(self) -> dict[str, list[Unit | MemoryUnit]]:
-        """'train' and 'validation' as units of work for `transformer.shards.prepare`."""
+        """'train' and 'validation' as units of work for `shards.prepare_shards`."""
         if self._plan is not None:
             return self._plan()
         return {split: [MemoryUnit(split, self.splits[split])] for split in ("train", "validation")}

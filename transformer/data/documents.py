@@ -4,7 +4,7 @@ A language-model corpus of files becomes `Source`s (one file, or a slice of one 
 order into `Unit`s of about `data.shard_mb` megabytes of input. A unit yields its text as
 `(piece, ends_document)` pairs, each piece at most about a megabyte and cut at a line end, so
 nothing ever holds a whole file; one unit is the work of one preparation step and becomes one
-token shard (`transformer.shards`).
+token shard (`transformer.data.shards`).
 
 Formats, by the `data.corpus` prefix:
 

@@ -23,11 +23,11 @@ Iterators are `grain.DatasetIterator`s: `get_state()`/`set_state()` and Orbax
 `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume at the exact next batch. Their state
 is a global batch counter, so it does not depend on process count.
 
-The other parts of the pipeline: `transformer.corpora` names the corpora (`transformer.documents`
-streams the user's files), `transformer.shards` tokenises a language-model corpus once into
+The other parts of the pipeline (in `transformer.data`): `corpora` names the corpora (`documents`
+streams the user's files), `shards` tokenises a language-model corpus once into
 memory-mapped token shards (`prepare_corpus` here; `python -m transformer.prepare` for big ones),
-`transformer.token_cache` does the same for translation pairs, `transformer.batching` cuts global
-batches into this process's rows, and `transformer.pairs` lays out the translation rows.
+`token_cache` does the same for translation pairs, `batching` cuts global batches into this
+process's rows, and `pairs` lays out the translation rows.
 """
 
 from __future__ import annotations

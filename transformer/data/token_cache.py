@@ -1,7 +1,7 @@
 """Translation token caches: each split's sources and targets tokenised once and kept on disk as
 two memory-mapped `Ragged` arrays (`pair_tokens`). A cache's name hashes the corpus fingerprint
 and the tokenizer, so a changed corpus or vocabulary is tokenised afresh. (Language-model corpora
-are prepared as token shards instead: `transformer.shards`.)
+are prepared as token shards instead: `transformer.data.shards`.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,3 @@
+"""The commands: `python train.py` (`cli.train`), `python -m transformer.sample`,
+`transformer.translate`, `transformer.prepare`. `entry` is how each starts and ends (flags,
+`--help`, one-line errors and exit codes), `flags` the parsing and help of the flags."""
