@@ -1,13 +1,16 @@
-"""Memory of a train step with the loss computed whole vs in chunks of positions.
+"""Memory of a train step by loss: the plain formula on float32 logits, the fused loss on
+logits in the compute dtype, and the fused loss in chunks of positions.
 
     python benchmarks/loss_memory.py                       # configs/gpt2_small.py, 16 x 1024
     python benchmarks/loss_memory.py --batch 8 --chunk 256 --json out.json
 
-Compiles `train_step` on abstract (shape-only) inputs, once with `model.loss_chunk_len=0` (the
-full [b, t, v] float32 logits) and once with chunks, and reads XLA's buffer assignment
-(`compiled.memory_analysis()`): the temporary memory a step needs besides its arguments and
-outputs. Nothing runs, so it works on a CPU for any model size; the numbers are XLA's for the
-backend it compiles for (on a GPU, run it there).
+Compiles `train_step` on abstract (shape-only) inputs three times: `model.loss_impl=reference`
+(float32 logits, log-softmax and a gathered target, differentiated by JAX: the loss before the
+fused one), the default `fused` loss, and the fused loss with `model.loss_chunk_len` (no
+[b, t, v] logits at all); it reads XLA's buffer assignment (`compiled.memory_analysis()`): the
+temporary memory a step needs besides its arguments and outputs. Nothing runs, so it works on a
+CPU for any model size; the numbers are XLA's for the backend it compiles for (on a GPU, run it
+there).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def step_memory(config: Any, vocab: int, chunk: int) -> dict[str, float]:
-    config.model.loss_chunk_len = chunk
+def step_memory(config: Any, vocab: int, loss_impl: str, chunk: int) -> dict[str, float]:
+    config.model.loss_impl, config.model.loss_chunk_len = loss_impl, chunk
     run_cfg = RunConfig.from_any(config)
     trainer = Trainer.build(run_cfg, run_cfg.model_config(vocab), devices=jax.devices()[:1])
     batch = {
@@ -56,6 +59,36 @@ def step_memory(config: Any, vocab: int, chunk: int) -> dict[str, float]:
     }
 
 
+# (JSON key, row label, model.loss_impl, chunked)
+VARIANTS = (
+    ("reference", "loss_impl=reference (float32 logits)", "reference", False),
+    ("whole", "loss_impl=fused", "fused", False),
+    ("chunked", "loss_impl=fused, loss_chunk_len={chunk}", "fused", True),
+)
+
+
+def report(results: dict[str, Any], config: Any, args: argparse.Namespace) -> None:
+    m = config.model
+    print(
+        f"{args.config}: {m.num_decoder_layers} layers x {m.d_model}, {m.dtype}, remat "
+        f"{m.remat_policy}, batch {args.batch} x {config.data.seq_len}, vocab {args.vocab} "
+        f"(float32 logits: {results['float32_logits_gib']:.2f} GiB); "
+        f"{jax.devices()[0].platform}"
+    )
+    rows = [
+        (label.format(chunk=args.chunk), *(f"{results[key][k]:.2f}" for k in COLUMNS))
+        for key, label, _, _ in VARIANTS
+    ]
+    common.print_table(["", "temporary (GiB)", "arguments (GiB)", "outputs (GiB)"], rows)
+    pairs = (("fused_saved_gib", "fused loss", "reference"), ("chunk_saved_gib", "chunks", "whole"))
+    for key, what, base in pairs:
+        share = results[key] / max(results[base]["temp_gib"], 1e-9)
+        print(f"{what}: {results[key]:.2f} GiB less temporary memory per step ({share:.0%})")
+
+
+COLUMNS = ("temp_gib", "arguments_gib", "outputs_gib")
+
+
 def main() -> None:
     args = parse_args()
     config = common.load_run_config(args.config)
@@ -70,29 +103,13 @@ def main() -> None:
         "seq_len": config.data.seq_len,
         "chunk": args.chunk,
         "float32_logits_gib": logits_gib,
-        "whole": step_memory(config, args.vocab, 0),
-        "chunked": step_memory(config, args.vocab, args.chunk),
     }
-    saved = results["whole"]["temp_gib"] - results["chunked"]["temp_gib"]
-    results["temp_saved_gib"] = saved
-    m = config.model
-    print(
-        f"{args.config}: {m.num_decoder_layers} layers x {m.d_model}, {m.dtype}, remat "
-        f"{m.remat_policy}, batch {args.batch} x {config.data.seq_len}, vocab {args.vocab} "
-        f"(float32 logits: {logits_gib:.2f} GiB); {jax.devices()[0].platform}"
-    )
-    rows = [
-        (name, f"{r['temp_gib']:.2f}", f"{r['arguments_gib']:.2f}", f"{r['outputs_gib']:.2f}")
-        for name, r in (
-            ("loss_chunk_len=0", results["whole"]),
-            (f"loss_chunk_len={args.chunk}", results["chunked"]),
-        )
-    ]
-    common.print_table(["", "temporary (GiB)", "arguments (GiB)", "outputs (GiB)"], rows)
-    print(
-        f"chunked loss: {saved:.2f} GiB less temporary memory per step "
-        f"({saved / max(results['whole']['temp_gib'], 1e-9):.0%})"
-    )
+    for key, _, impl, chunked in VARIANTS:
+        results[key] = step_memory(config, args.vocab, impl, args.chunk if chunked else 0)
+    temp = {key: results[key]["temp_gib"] for key, *_ in VARIANTS}
+    results["fused_saved_gib"] = temp["reference"] - temp["whole"]
+    results["chunk_saved_gib"] = temp["whole"] - temp["chunked"]
+    report(results, config, args)
     common.write_json(args.json, results)
 
 

@@ -404,6 +404,25 @@ def test_scan_and_remat_equal_plain_model(remat, decoder_only):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_scan_unroll_computes_what_one_layer_per_iteration_does(unroll):
+    """model.scan_unroll: several layers per scan iteration (2 of 3 leaves a remainder), the same
+    loss and gradients."""
+    cfg = preset("tiny_gpt", num_decoder_layers=3, scan_layers=True)
+    args = (tokens((2, 6)),)
+    params = init(GPT(cfg), *args)
+
+    def loss(model_cfg, p):
+        return jnp.mean(jax.nn.log_softmax(GPT(model_cfg).apply({"params": p}, *args))[..., 0])
+
+    expected, expected_grad = jax.value_and_grad(lambda p: loss(cfg, p))(params)
+    unrolled = dataclasses.replace(cfg, scan_unroll=unroll)
+    value, grad = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+    np.testing.assert_allclose(value, expected, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Config validation.
 
@@ -420,6 +439,9 @@ def test_scan_and_remat_equal_plain_model(remat, decoder_only):
         (dict(num_decoder_layers=0), "num_decoder_layers"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(d_model=33, num_heads=3), "d_model"),  # sinusoids need an even width
+        (dict(scan_unroll=0), "scan_unroll"),
+        (dict(loss_impl="fast"), "loss_impl"),
+        (dict(real_vocab_size=65), "real_vocab_size"),  # more real ids than embedding rows
     ],
 )
 def test_bad_config_names_the_field(overrides, field):

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_metrics, run_python, train
+from conftest import ROOT, device_env, read_metrics, run_python, train
 
 
 def losses(workdir):
@@ -57,6 +57,31 @@ def test_resume_in_a_new_process_is_exact(straight_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("impl", ["rbg", pytest.param("unsafe_rbg", marks=pytest.mark.slow)])
+def test_each_prng_impl_trains_and_resumes_exactly(straight_run, tmp_path, impl):
+    """train.prng_impl makes the keys of initialisation and dropout; JAX's default generator
+    (JAX_DEFAULT_PRNG_IMPL) has no say. A run resumed under another generator is refused."""
+    flags = (f"--config.train.prng_impl={impl}", "--config.model.dropout_rate=0.1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, *flags)
+    train(split, *flags, "--config.train.stop_at_step=10")
+    other_default = device_env(1, JAX_DEFAULT_PRNG_IMPL="unsafe_rbg" if impl == "rbg" else "rbg")
+    train(split, *flags, env=other_default)
+    assert losses(split) == losses(straight)  # bit for bit
+    for a, b in zip(final_params(split), final_params(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((split / "config.json").read_text())["train"]["prng_impl"] == impl
+    # Another generator draws other parameters and dropout masks.
+    threefry = tmp_path / "threefry"
+    train(threefry, "--config.model.dropout_rate=0.1")
+    assert losses(threefry)[0] != losses(straight)[0]
+
+    proc = train(split, "--config.train.num_steps=30", check=False)  # threefry, the default
+    assert proc.returncode == 2
+    assert f"was trained with train.prng_impl='{impl}', not 'threefry'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_data_parallel_run_matches_single_device(straight_run, tmp_path):
     workdir, _ = straight_run
     dp = str(tmp_path / "dp")
@@ -77,6 +102,8 @@ def test_data_parallel_run_matches_single_device(straight_run, tmp_path):
         (["--config.mesh.data=3"], "mesh data=3"),
         (["--config.data.corpus=text:/nonexistent/*.txt"], "/nonexistent"),
         (["--config.train.schedule=linear"], "train.schedule"),
+        (["--config.train.prng_impl=mt19937"], "train.prng_impl='mt19937': must be one of"),
+        (["--config.data.corpus=bible_en_de"], "is a translation corpus but the model is a 2-"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, overrides, message):

@@ -13,7 +13,7 @@ import numpy as np
 
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.config import ModelConfig
-from transformer.model.layers import RESIDUAL_AXES, FeedForward, make_norm
+from transformer.model.layers import RESIDUAL_AXES, Dropout, FeedForward, make_norm
 
 Array = jax.Array
 
@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
 
         def residual(y: Array, sublayer: Callable[[Array], Array], norm_name: str) -> Array:
             norm = make_norm(cfg, norm_name)
-            drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+            drop = Dropout(cfg.dropout_rate, deterministic=self.deterministic)
             if cfg.norm_position == "pre":
                 return y + drop(sublayer(norm(y)))
             return norm(y + drop(sublayer(y)))
@@ -122,6 +122,7 @@ class Stack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 5,
                 length=self.num_layers,
+                unroll=min(cfg.scan_unroll, self.num_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(cfg, scanned=True, name="layers", **kwargs)(

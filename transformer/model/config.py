@@ -24,6 +24,7 @@ POSITIONS = ("sinusoidal", "learned", "rope")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
+LOSS_IMPLS = ("fused", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; softmax, norms statistics and logits stay float32
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = False  # nn.scan over layers: one compiled layer, stacked parameters
+    scan_unroll: int = 1  # with scan_layers: layers per scan iteration (faster, longer compile)
     remat_policy: str = "none"  # rematerialisation: none | full | dots | dots_with_no_batch_dims
     attention_impl: str = "einsum"  # einsum (explicit, returns weights) | xla | cudnn | auto
     kernels: str = "auto"  # hot ops: auto (per platform) | reference (autodiff) | cpu (tuned)
     loss_chunk_len: int = 0  # loss over this many positions at a time (no [b,t,v] logits); 0=all
+    loss_impl: str = "fused"  # fused (no float32 logits, own backward) | reference (autodiff)
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, message: str) -> None:
@@ -113,6 +116,11 @@ class ModelConfig:
         )
         check(self.rope_theta > 0, "rope_theta", "must be positive")
         check(self.loss_chunk_len >= 0, "loss_chunk_len", "must be >= 0 (0 = no chunks)")
+        check(
+            isinstance(self.scan_unroll, int) and self.scan_unroll >= 1,
+            "scan_unroll",
+            "must be a positive number of layers per scan iteration (1 = one)",
+        )
         check(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
         choices = {
             "activation": ACTIVATIONS,
@@ -124,6 +132,7 @@ class ModelConfig:
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,
             "kernels": KERNEL_CHOICES,
+            "loss_impl": LOSS_IMPLS,
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")
@@ -195,15 +204,18 @@ class ModelConfig:
 
 # Fields that change how a model is computed or trained, not what function it computes with
 # given parameters: they may differ between a run and its resumption or its fine-tuning.
+# (`scan_layers` is not one: it changes the parameters' layout, which a checkpoint keeps;
+# fine-tuning converts it.)
 RUNTIME_FIELDS = (
     "dtype",
-    "scan_layers",
+    "scan_unroll",
     "remat_policy",
     "attention_impl",
     "kernels",
     "dropout_rate",
     "attention_dropout_rate",
     "loss_chunk_len",
+    "loss_impl",
     "init_std",  # only the first initialisation reads it
 )
 

@@ -3,13 +3,15 @@ the legend at the top of `transformer/model/layers.py`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from transformer.model.config import ModelConfig
-from transformer.model.layers import RESIDUAL_AXES, with_axes
+from transformer.model.layers import RESIDUAL_AXES, Dropout, with_axes
 
 Array = jax.Array
 
@@ -47,7 +49,7 @@ class Embed(nn.Module):
                 (cfg.max_len, cfg.d_model),
                 cfg.params_dtype,
             )
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(self, tokens: Array, positions: Array, deterministic: bool = True) -> Array:
         cfg = self.config
@@ -67,7 +69,7 @@ class Embed(nn.Module):
         x = self.dropout(x, deterministic=deterministic)
         return nn.with_logical_constraint(x.astype(cfg.compute_dtype), RESIDUAL_AXES)
 
-    def attend(self, x: Array) -> Array:
-        """Logits x E^T, accumulated and returned in float32."""
+    def attend(self, x: Array, dtype: Any = jnp.float32) -> Array:
+        """Logits x E^T, returned in `dtype` (float32 accumulation either way)."""
         embedding = self.token_embedding.astype(self.config.compute_dtype)
-        return jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=dtype)

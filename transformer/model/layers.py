@@ -190,6 +190,21 @@ class RMSNorm(nn.Module):
         return ops.kernels(self.kernels).rms_norm(x, scale, self.epsilon).astype(self.dtype)
 
 
+class Dropout(nn.Module):
+    """`nn.Dropout`'s interface over `ops.dropout` (16 random bits per element, not 32): the
+    same keep rate to within 2^-17, half the random-number work."""
+
+    rate: float
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0.0:
+            return x
+        return ops.dropout(x, self.rate, self.make_rng("dropout"))
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The configured norm over d_model, its parameters named on the `embed` axis."""
     numerics = dict(

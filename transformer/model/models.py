@@ -14,6 +14,8 @@ caller owns the position bookkeeping and passes explicit masks over the cache bu
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,7 @@ class _OutputHead(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, dtype: Any = jnp.float32) -> Array:
         cfg = self.config
         kernel = self.param(
             "kernel",
@@ -52,7 +54,7 @@ class _OutputHead(nn.Module):
             cfg.params_dtype,
         )
         return jnp.einsum(
-            "btd,dv->btv", x, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+            "btd,dv->btv", x, kernel.astype(cfg.compute_dtype), preferred_element_type=dtype
         )
 
 
@@ -67,9 +69,10 @@ class _LanguageModel(nn.Module):
         if not self.config.tie_embeddings:
             self.lm_head = _OutputHead(self.config)
 
-    def logits(self, x: Array) -> Array:
-        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] (float32)."""
-        return self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+    def logits(self, x: Array, dtype: Any = jnp.float32) -> Array:
+        """The pre-softmax projection: hidden states [b, t, d] -> logits [b, t, v] in `dtype`
+        (float32 by default; the loss takes them in the compute dtype)."""
+        return self.embed.attend(x, dtype) if self.config.tie_embeddings else self.lm_head(x, dtype)
 
 
 class GPT(_LanguageModel):

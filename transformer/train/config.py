@@ -31,6 +31,9 @@ from transformer.model.config import ModelConfig, padded_vocab_size
 # Model fields the run derives (from the tokenizer), never set in a config.
 DERIVED_MODEL_FIELDS = ("real_vocab_size",)
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+# train.prng_impl -> JAX's name of the generator (`jax.random.key(seed, impl=...)`): threefry is
+# JAX's default, the same bits on any device count; rbg and unsafe_rbg hash less on GPUs and TPUs.
+PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -51,6 +54,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # 0.1 in the paper
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
     seed: int = 0  # parameters, dropout and data order
+    prng_impl: str = "threefry"  # random numbers of init and dropout: threefry | rbg | unsafe_rbg
     log_every_steps: int = 50  # metrics.jsonl / TensorBoard / progress bar
     eval_every_steps: int = 250  # held-out loss; 0 = only at the end
     eval_batches: int = 20  # batches per evaluation; 0 = the whole split
@@ -93,6 +97,7 @@ class TrainConfig:
             ("beam_alpha", self.beam_alpha >= 0, at_least_0),
             ("peak_flops", self.peak_flops >= 0, ">= 0 (0 = published or measured)"),
             ("nonfinite", *one_of(self.nonfinite, NONFINITE_POLICIES)),
+            ("prng_impl", *one_of(self.prng_impl, tuple(PRNG_IMPLS))),
         ]
         check_fields("train", self, rules)
 
@@ -106,7 +111,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 500  # also at the end and on SIGTERM/SIGINT
     keep: int = 3  # newest checkpoints kept; 0 = all
-    init_from: str = ""  # fine-tune from a workdir or a Hugging Face GPT-2 dir
+    init_from: str = ""  # fine-tune from a workdir or a Hugging Face GPT-2 or Llama directory
 
     def __post_init__(self) -> None:
         check_fields(
@@ -118,7 +123,8 @@ class CheckpointConfig:
                 (
                     "init_from",
                     not self.init_from or os.path.isdir(os.path.expanduser(self.init_from)),
-                    "no such directory; give a run's workdir or a Hugging Face GPT-2 directory",
+                    "no such directory; give a run's workdir or a Hugging Face GPT-2 or Llama "
+                    "directory",
                 ),
             ],
         )

@@ -30,11 +30,12 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
             f"checkpoint.init_from={init_from!r} is neither a run directory (with checkpoints/) "
             "nor a Hugging Face GPT-2 or Llama directory (with config.json); check the path"
         )
-    # The embedding rows are compared below, with a message that names the fix.
-    vocabulary = ("vocab_size", "real_vocab_size")
+    # The embedding rows are compared below, with a message that names the fix; the layers'
+    # layout was converted above.
+    ignore = ("vocab_size", "real_vocab_size", "scan_layers")
     diffs = [
         f"model.{k}: {theirs!r} there, {mine!r} here"
-        for k, theirs, mine in model_cfg.differences(source_cfg, ignore=vocabulary)
+        for k, theirs, mine in model_cfg.differences(source_cfg, ignore=ignore)
     ]
     if diffs:
         raise ConfigError(

@@ -83,7 +83,7 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
         process_count=jax.process_count(),
     )
     model_cfg = run_cfg.model_config(data.tokenizer.vocab_size)
-    rundir.check_same_model(model_cfg)
+    rundir.check_resumable(model_cfg, train_cfg.prng_impl)
     trainer = Trainer.build(run_cfg, model_cfg)
     checkpoints = rundir.checkpoints(keep=run_cfg.checkpoint.keep)
     with trainer.within_mesh():

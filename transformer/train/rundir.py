@@ -84,12 +84,21 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         write_text_atomic(self.config_path, json.dumps(config, indent=2, sort_keys=True))
 
-    def check_same_model(self, model_cfg: ModelConfig) -> None:
-        """A workdir holds one run: resuming it with a different model is an error, not a
-        guess (`ModelConfig.differences`: fields of how a model is computed may change)."""
+    def check_resumable(self, model_cfg: ModelConfig, prng_impl: str) -> None:
+        """A workdir holds one run: resuming it with a different model or another random-number
+        generator is an error, not a guess (`ModelConfig.differences`: fields of how a model is
+        computed may change)."""
         if not self.is_run():
             return
-        saved = self.read_config().get("model", {})
+        config = self.read_config()
+        saved_impl = config.get("train", {}).get("prng_impl", "threefry")  # older runs: threefry
+        if saved_impl != prng_impl:
+            raise ConfigError(
+                f"workdir {self.path} was trained with train.prng_impl={saved_impl!r}, not "
+                f"{prng_impl!r}; resume it with --config.train.prng_impl={saved_impl} or use a "
+                "new --workdir"
+            )
+        saved = config.get("model", {})
         # Fields a run saved before they existed take this run's values.
         saved_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **saved})
         diffs = [

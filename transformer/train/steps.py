@@ -14,14 +14,27 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from transformer.train.config import PRNG_IMPLS
 from transformer.train.tasks import Batch, Task
+
+
+def prng_key(seed: int, impl: str) -> jax.Array:
+    """A typed key of the generator `train.prng_impl` names."""
+    return jax.random.key(seed, impl=PRNG_IMPLS[impl])
 
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # optimizer steps taken
     params: Any
     opt_state: Any
-    rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
+    # The run's key as raw key data, shaped by its generator (uint32 [2] threefry, [4] rbg):
+    # checkpoints hold plain arrays. Per-step keys are fold_in(key, step).
+    rng: jax.Array
+    prng_impl: str = struct.field(pytree_node=False, default="threefry")  # train.prng_impl
+
+    def key(self) -> jax.Array:
+        """The typed key of `rng`."""
+        return jax.random.wrap_key_data(self.rng, impl=PRNG_IMPLS[self.prng_impl])
 
 
 def train_step(
@@ -35,7 +48,7 @@ def train_step(
     skip_nonfinite: bool,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum_steps` micro-batches; metrics are sums and counts."""
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(state.key(), state.step)
 
     def micro_step(params: Any, micro: Batch, key: jax.Array) -> tuple[Any, jax.Array, ...]:
         def objective(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

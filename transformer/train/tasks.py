@@ -23,9 +23,9 @@ import numpy as np
 
 from transformer.data.pairs import TRANSLATION_KEYS
 from transformer.inference import bleu, generate, translate
+from transformer.model import ops
 from transformer.model.config import ModelConfig
 from transformer.model.models import GPT, EncoderDecoder
-from transformer.model.ops import chunked_cross_entropy, cross_entropy
 
 Batch = dict[str, jax.Array]
 
@@ -64,21 +64,32 @@ class Task:
         label_smoothing: float = 0.0,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(smoothed loss sum, nll sum, token count) of a batch, over the model's real classes
-        (`model.num_classes`). With model.loss_chunk_len the output projection and the loss run
-        a chunk of positions at a time (`ops.chunked_cross_entropy`): the full [b, t, v] float32
-        logits never exist."""
-        chunk_len = self.model_cfg.loss_chunk_len
-        smoothing = dict(label_smoothing=label_smoothing, num_classes=self.model_cfg.num_classes)
-        if not chunk_len:
-            logits, targets, weights = self.forward(params, batch, rng=rng)
-            return cross_entropy(logits, targets, weights, **smoothing)
+        (`model.num_classes`). The logits are in the compute dtype and the loss makes no
+        float32 copy of them (`ops.cross_entropy`); with model.loss_chunk_len the output
+        projection and the loss run a chunk of positions at a time (`ops.chunked_cross_entropy`),
+        so the full [b, t, v] logits never exist."""
+        cfg = self.model_cfg
+        smoothing = dict(label_smoothing=label_smoothing, num_classes=cfg.num_classes)
         hidden, targets, weights = self.forward(params, batch, rng=rng, hidden=True)
+        # The reference formula (model.loss_impl) takes float32 logits, as the loss once did.
+        fused = cfg.loss_impl == "fused"
+        dtype = cfg.compute_dtype if fused else jnp.float32
+        loss = ops.cross_entropy if fused else ops.cross_entropy_reference
 
         def project(params: Any, h: jax.Array) -> jax.Array:
-            return self.model.apply({"params": params}, h, method="logits")
+            return self.model.apply({"params": params}, h, dtype, method="logits")
 
-        return chunked_cross_entropy(
-            project, params, hidden, targets, weights, chunk_len=chunk_len, **smoothing
+        if not cfg.loss_chunk_len:
+            return loss(project(params, hidden), targets, weights, **smoothing)
+        return ops.chunked_cross_entropy(
+            project,
+            params,
+            hidden,
+            targets,
+            weights,
+            chunk_len=cfg.loss_chunk_len,
+            loss=loss,
+            **smoothing,
         )
 
     def end_of_run_metrics(

@@ -24,10 +24,10 @@ import optax
 
 from transformer.model.config import ModelConfig
 from transformer.train import sharding
-from transformer.train.config import RunConfig
+from transformer.train.config import PRNG_IMPLS, RunConfig
 from transformer.train.hooks import Hook, StepInfo, Throughput
 from transformer.train.optim import optimizer_for
-from transformer.train.steps import TrainState, eval_step, train_step
+from transformer.train.steps import TrainState, eval_step, prng_key, train_step
 from transformer.train.tasks import Task, task_for
 
 
@@ -43,7 +43,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     state_sharding: Any
     abstract_state: Any  # ShapeDtypeStructs with shardings: the checkpoint restore target
-    init_state: Any  # jitted: raw uint32 key -> sharded TrainState
+    init_state: Any  # jitted: raw key data of train.prng_impl -> sharded TrainState
     train_step: Any  # jitted: (state, batch) -> (state, metrics)
     eval_step: Any  # jitted: (params, batch) -> metrics
 
@@ -64,17 +64,23 @@ class Trainer:
         task = task_for(model_cfg)
         tx, schedule = optimizer_for(train_cfg, model_cfg.d_model)
 
+        impl = train_cfg.prng_impl
+
         def boxed_init(rng: jax.Array) -> TrainState:
-            params = task.init(jax.random.wrap_key_data(rng))["params"]
+            key = jax.random.wrap_key_data(rng, impl=PRNG_IMPLS[impl])
+            params = task.init(key)["params"]
             return TrainState(
                 step=jnp.zeros((), jnp.int32),
                 params=params,
                 opt_state=tx.init(params),
-                rng=jax.random.fold_in(rng, 1),
+                rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                prng_impl=impl,
             )
 
+        # The raw key data's shape and dtype are the generator's.
+        key_data = jax.eval_shape(lambda: jax.random.key_data(prng_key(0, impl)))
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            abstract_boxed = jax.eval_shape(boxed_init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+            abstract_boxed = jax.eval_shape(boxed_init, key_data)
         state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
         abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -123,7 +129,8 @@ class Trainer:
             yield
 
     def new_state(self, seed: int) -> TrainState:
-        return self.init_state(jax.random.key_data(jax.random.key(seed)))
+        key = prng_key(seed, self.run_cfg.train.prng_impl)
+        return self.init_state(jax.random.key_data(key))
 
     def place_params(self, host_params: Any) -> Any:
         """Host parameters (e.g. to fine-tune from) sharded like this trainer's."""

@@ -10,7 +10,7 @@ names, and choose between a kernel and its reference with `kernels(choice)`: the
   auto        per platform, as measured: 'cpu' on CPUs, 'reference' on GPUs and TPUs
   cpu         the hand-written backward passes below, tuned for XLA's CPU backend: on two cores
               they took the GPT step from below `transformers`+torch to 1.03-1.87x of it
-              (`benchmarks/train_throughput.py`, README)
+              (`benchmarks/train_throughput.py`, docs/performance.md)
   reference   plain formulas differentiated by JAX, which leaves XLA's GPU and TPU compilers
               free to fuse bias and activation epilogues into the products and to choose
               layouts; `benchmarks/gpu_check.sh` measures both sets on a GPU
@@ -22,9 +22,11 @@ names, and choose between a kernel and its reference with `kernels(choice)`: the
   gelu             GELU, tanh approximation
   dot_product_attention   the plain formula over separate q, k, v; returns the weights too,
                           or calls `jax.nn.dot_product_attention` (XLA, cuDNN)
-  cross_entropy    label-smoothed cross-entropy sums over the real classes
+  cross_entropy    label-smoothed cross-entropy sums over the real classes, from logits in the
+                   compute dtype, with a hand-written backward pass (`cross_entropy_reference`)
   chunked_cross_entropy   output projection + cross-entropy a chunk of positions at a time
   apply_rotary     rotary position embedding of queries or keys (RoFormer, Llama)
+  dropout          dropout from 16 random bits per element (`keep_mask`)
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from transformer.model.ops.attention import (
     self_attention_reference,
 )
 from transformer.model.ops.dense import matmul, matmul_reference
-from transformer.model.ops.loss import chunked_cross_entropy, cross_entropy, mask_vocab_padding
+from transformer.model.ops.dropout import dropout, keep_mask
+from transformer.model.ops.loss import (
+    chunked_cross_entropy,
+    cross_entropy,
+    cross_entropy_reference,
+    mask_vocab_padding,
+)
 from transformer.model.ops.norms import (
     layer_norm,
     layer_norm_reference,
@@ -53,10 +61,10 @@ from transformer.model.ops.norms import (
 from transformer.model.ops.rotary import apply_rotary, rotary_frequencies
 
 KERNEL_CHOICES = ("auto", "reference", "cpu")
-# What `auto` means on each platform, as measured (README, benchmarks/gpu_check.sh), for both of
-# the choices it stands for: (model.kernels, model.attention_impl). The attention choice is the
-# fastest a platform offers; a layer falls back to 'einsum' where that kernel cannot serve a call
-# (`fused_attention_serves`). Platforms not listed take the last row.
+# What `auto` means on each platform, as measured (docs/performance.md, benchmarks/gpu_check.sh),
+# for both of the choices it stands for: (model.kernels, model.attention_impl). The attention
+# choice is the fastest a platform offers; a layer falls back to 'einsum' where that kernel
+# cannot serve a call (`fused_attention_serves`). Platforms not listed take the last row.
 AUTO: dict[str, tuple[str, str]] = {
     "cpu": ("cpu", "einsum"),
     "gpu": ("reference", "cudnn"),
@@ -119,10 +127,13 @@ __all__ = [
     "apply_rotary",
     "chunked_cross_entropy",
     "cross_entropy",
+    "cross_entropy_reference",
     "dot_product_attention",
+    "dropout",
     "fused_attention_serves",
     "gelu",
     "gelu_reference",
+    "keep_mask",
     "kernels",
     "layer_norm",
     "layer_norm_reference",

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer.model.ops.dropout import dropout
+
 Array = jax.Array
 
 
@@ -64,8 +66,7 @@ def dot_product_attention(
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)  # [b, n, t, s], float32
     if dropout_rate > 0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = dropout(weights, dropout_rate, dropout_rng)
     if k == n:
         out = jnp.einsum("bnts,bsnh->btnh", weights.astype(value.dtype), value)
     else:
