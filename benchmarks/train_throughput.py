@@ -47,7 +47,12 @@ from transformer.train.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return argument_parser(__doc__.split("\n")[0]).parse_args()
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the model, the run and the reference (also `profile_trace.py`'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="benchmark a run config (configs/NAME.py) instead")
     parser.add_argument("--layers", type=int, help="decoder layers (default 6)")
     parser.add_argument("--heads", type=int, help="attention heads (default 6)")
@@ -87,7 +92,7 @@ def parse_args() -> argparse.Namespace:
         "since they share the process",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    return parser.parse_args()
+    return parser
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -142,7 +147,7 @@ class Ours:
         self.model_cfg = run_cfg.model_config(vocab)
         self.setup = Trainer.build(run_cfg, self.model_cfg)
         with self.setup.within_mesh():
-            self.state = self.setup.init_state(jax.random.key_data(jax.random.key(0)))
+            self.state = self.setup.new_state(0)
             self.batch = global_batch({"tokens": tokens}, self.setup.mesh)
             start = time.perf_counter()
             lowered = self.setup.train_step.lower(self.state, self.batch)

@@ -170,7 +170,7 @@ display(Markdown("\n".join(table)))
 states = {}
 for name, trainer in trainers.items():
     with trainer.within_mesh():
-        states[name] = trainer.init_state(jax.random.key_data(jax.random.key(0)))
+        states[name] = trainer.new_state(0)
     if name != "single device":
         print(f"{name}: mlp/wi/kernel {lookup(states[name].params, PARAMS['mlp wi [d, f]']).shape}")
         jax.debug.visualize_array_sharding(lookup(states[name].params, PARAMS["mlp wi [d, f]"]))

@@ -40,7 +40,7 @@ def lm_batch(seed=0, batch=8, seq=16):
 
 def run_steps(setup, batches):
     with setup.within_mesh():
-        state = setup.init_state(jax.random.key_data(jax.random.key(0)))
+        state = setup.new_state(0)
         losses = []
         for local in batches:
             state, metrics = setup.train_step(state, global_batch(local, setup.mesh))
@@ -87,7 +87,7 @@ def gradients(setup, state, local):
 
 def one_step(setup):
     with setup.within_mesh():
-        state = setup.init_state(jax.random.key_data(jax.random.key(0)))
+        state = setup.new_state(0)
     grads = gradients(setup, state, lm_batch(0))
     state, losses = run_steps(setup, [lm_batch(0), lm_batch(1)])
     return jax.device_get(state.params), losses, grads
@@ -143,7 +143,7 @@ def test_llama_sharded_steps_equal_single_device(mesh, llama_single_device_resul
 def test_shards_have_the_promised_sizes():
     setup = setup_for(tiny_config(), data=1, fsdp=8)
     with setup.within_mesh():
-        state = setup.init_state(jax.random.key_data(jax.random.key(0)))
+        state = setup.new_state(0)
     qkv = state.params["decoder"]["layers_0"]["self_attention"]["qkv"]["kernel"]  # [d, 3, n, h]
     shard = qkv.addressable_shards[0].data
     assert shard.shape == (qkv.shape[0] // 8, *qkv.shape[1:])  # FSDP: 1/8 of the embed axis
@@ -152,7 +152,7 @@ def test_shards_have_the_promised_sizes():
 
     setup = setup_for(tiny_config(), data=2, tensor=4)
     with setup.within_mesh():
-        state = setup.init_state(jax.random.key_data(jax.random.key(0)))
+        state = setup.new_state(0)
     layer = state.params["decoder"]["layers_0"]
     assert layer["self_attention"]["qkv"]["kernel"].addressable_shards[0].data.shape[2] == 1
     assert layer["mlp"]["wi"]["kernel"].addressable_shards[0].data.shape == (32, 64 // 4)

@@ -14,6 +14,10 @@ from transformer.model.layers import HEADS_AXES, QKV_AXES, dense_for, kernel_ini
 
 Array = jax.Array
 
+# The named scope of softmax(Q K^T / sqrt(d_k)) V itself (not the projections): XLA's op names
+# carry it, so profiles can tell attention from the rest (`benchmarks/profile_trace.py`).
+ATTENTION_SCOPE = "sdpa"
+
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (sec. 3.2.2): self-attention with one fused QKV projection, or
@@ -68,7 +72,8 @@ class MultiHeadAttention(nn.Module):
                     groups = n // cfg.kv_heads
                     key, value = (jnp.repeat(a, groups, axis=2) for a in (key, value))
                     qkv = jnp.stack([query, key, value], axis=2)  # [b, t, 3, n, h]
-                out = fused(qkv, mask, self.causal and mask is not None)
+                with jax.named_scope(ATTENTION_SCOPE):
+                    out = fused(qkv, mask, self.causal and mask is not None)
             else:
                 if cache_index is not None:
                     key, value = self._append_to_cache(key, value, cache_index)
@@ -181,18 +186,19 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not self.deterministic and cfg.attention_dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
-        out, weights = ops.dot_product_attention(
-            query,
-            key,
-            value,
-            mask,
-            dropout_rate=cfg.attention_dropout_rate,
-            dropout_rng=dropout_rng,
-            impl=self._attention_impl(cache_index),
-            # The mask hides later keys in self-attention (not over a cache, whose queries sit
-            # at an offset): fused kernels can skip them.
-            causal=self.causal and cache_index is None,
-        )
+        with jax.named_scope(ATTENTION_SCOPE):
+            out, weights = ops.dot_product_attention(
+                query,
+                key,
+                value,
+                mask,
+                dropout_rate=cfg.attention_dropout_rate,
+                dropout_rng=dropout_rng,
+                impl=self._attention_impl(cache_index),
+                # The mask hides later keys in self-attention (not over a cache, whose queries sit
+                # at an offset): fused kernels can skip them.
+                causal=self.causal and cache_index is None,
+            )
         if weights is not None:  # 'einsum' only; kept only if 'intermediates' is mutable
             self.sow("intermediates", "attention_weights", weights)
         return out

@@ -77,10 +77,13 @@ class Task:
         loss = ops.cross_entropy if fused else ops.cross_entropy_reference
 
         def project(params: Any, h: jax.Array) -> jax.Array:
-            return self.model.apply({"params": params}, h, dtype, method="logits")
+            with jax.named_scope("logits"):
+                return self.model.apply({"params": params}, h, dtype, method="logits")
 
         if not cfg.loss_chunk_len:
-            return loss(project(params, hidden), targets, weights, **smoothing)
+            logits = project(params, hidden)
+            with jax.named_scope("loss"):
+                return loss(logits, targets, weights, **smoothing)
         return ops.chunked_cross_entropy(
             project,
             params,

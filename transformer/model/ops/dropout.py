@@ -41,5 +41,6 @@ def dropout(x: Array, rate: float, key: Array) -> Array:
     threshold = keep_threshold(1.0 - rate)
     if threshold == 0:
         return jnp.zeros_like(x)
-    keep = keep_mask(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x * jnp.asarray(LEVELS / threshold, x.dtype), jnp.zeros_like(x))
+    with jax.named_scope("dropout"):
+        keep = keep_mask(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x * jnp.asarray(LEVELS / threshold, x.dtype), jnp.zeros_like(x))
