@@ -175,7 +175,7 @@ def is_out_of_memory(error: BaseException | str) -> bool:
 
 def short_error(error: BaseException) -> str:
     """An exception as one line for a report: the root cause's type and first line."""
-    from transformer.train.checkpoint import short_error
+    from transformer.store.checkpoint import short_error
 
     return short_error(error, limit=400)
 

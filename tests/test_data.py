@@ -30,7 +30,7 @@ from transformer.data.pipeline import (
 from transformer.data.token_cache import Ragged
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import CorpusUnavailableError, DataError
-from transformer.train.rundir import RunDir
+from transformer.store.rundir import RunDir
 
 SEQ = 4
 TOKENS = np.arange(4 * 37 + 1, dtype=np.uint16)  # 37 windows; window i starts with token 4i

@@ -132,7 +132,7 @@ def losses(workdir):
 def params(workdir, step=None):
     import jax
 
-    from transformer.train.rundir import load_params
+    from transformer.store.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir, step)[1])
 
@@ -204,7 +204,7 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_one(uninterru
     previous = max(complete_steps(workdir))
     assert previous == half_written - 2
     # The half-written directory is not a checkpoint, for Orbax or for load_params.
-    from transformer.train.checkpoint import Checkpoints
+    from transformer.store.checkpoint import Checkpoints
 
     readonly = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     assert readonly.all_steps()[-1] == previous
@@ -274,7 +274,7 @@ def test_truncated_checkpoint_warns_and_resumes_from_the_previous_step(uninterru
 # Orbax's reader threads leave "Event loop is closed" callbacks behind after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_load_params_falls_back_past_a_deleted_checkpoint_file(uninterrupted, tmp_path, caplog):
-    from transformer.train.checkpoint import CheckpointError
+    from transformer.store.checkpoint import CheckpointError
 
     workdir = str(tmp_path / "deleted")
     shutil.copytree(uninterrupted, workdir)
@@ -426,7 +426,7 @@ def test_disk_full_error_names_the_step(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
 
     from transformer.cli import entry as cli
-    from transformer.train.checkpoint import CheckpointDiskFullError, Checkpoints
+    from transformer.store.checkpoint import CheckpointDiskFullError, Checkpoints
 
     checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
     checkpoints.save(2, {"w": jnp.ones(3)})
@@ -456,7 +456,7 @@ def test_restore_latest_good_moves_damaged_steps_aside_only_when_one_reads(tmp_p
     import jax
     import jax.numpy as jnp
 
-    from transformer.train.checkpoint import CheckpointError, Checkpoints
+    from transformer.store.checkpoint import CheckpointError, Checkpoints
 
     workdir = str(tmp_path)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
@@ -480,7 +480,7 @@ def test_restore_latest_good_moves_damaged_steps_aside_only_when_one_reads(tmp_p
 
 
 def test_truncate_metrics_drops_steps_past_the_checkpoint_and_torn_lines(tmp_path):
-    from transformer.train.rundir import RunDir
+    from transformer.store.rundir import RunDir
 
     truncate_metrics = RunDir(tmp_path).truncate_metrics
     path = tmp_path / "metrics.jsonl"

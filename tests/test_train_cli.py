@@ -15,7 +15,7 @@ def losses(workdir):
 def final_params(workdir):
     import jax
 
-    from transformer.train.rundir import load_params
+    from transformer.store.rundir import load_params
 
     return jax.tree.leaves(load_params(workdir)[1])
 

@@ -5,9 +5,10 @@ The package in layers, lowest first; a layer imports only the layers below it:
   errors, files   every user error; the one atomic file writer
   model           ModelConfig, kernels, layers, GPT and EncoderDecoder
   data            tokenizers, corpora, token shards, batches
+  store           a run directory and its checkpoints; load_run
   inference       sampling, beam search, generate/translate
   hf              Hugging Face GPT-2 and Llama weights in and out
-  train           run config, optimiser, sharding, steps, trainer, run directory, checkpoints
+  train           run config, optimiser, sharding, steps, trainer, hooks, a whole run
   cli             the commands (`python train.py`, `python -m transformer.sample`, ...)
 
 The names below load on first use, so `import transformer.data` does not import Flax.
@@ -24,8 +25,8 @@ _EXPORTS = {
     "preset": "transformer.model.config",
     "GPT": "transformer.model.models",
     "EncoderDecoder": "transformer.model.models",
-    "RunDir": "transformer.train.rundir",
-    "load_run": "transformer.train.rundir",
+    "RunDir": "transformer.store.rundir",
+    "load_run": "transformer.store.rundir",
 }
 
 __all__ = sorted(_EXPORTS)

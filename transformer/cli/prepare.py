@@ -27,8 +27,8 @@ from ml_collections import config_flags
 from transformer.cli.entry import main_entry
 from transformer.cli.flags import DEFAULT_CONFIG
 from transformer.data.pipeline import prepare_corpus
+from transformer.store.rundir import RunDir
 from transformer.train.config import RunConfig
-from transformer.train.rundir import RunDir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

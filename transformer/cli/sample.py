@@ -15,7 +15,7 @@ from absl import flags
 from transformer.cli.entry import main_entry
 from transformer.errors import ConfigError
 from transformer.inference import generate
-from transformer.train.rundir import load_run
+from transformer.store.rundir import load_run
 
 flags.DEFINE_string("workdir", None, "Run directory of a GPT training run.", required=True)
 flags.DEFINE_string("prompt", "", "Text to continue ('' starts a new document).")

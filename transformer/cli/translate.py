@@ -19,7 +19,7 @@ from absl import flags
 from transformer.cli.entry import main_entry
 from transformer.data.pipeline import held_out_pairs
 from transformer.inference import bleu, translate
-from transformer.train.rundir import RunDir
+from transformer.store.rundir import RunDir
 
 flags.DEFINE_string("workdir", None, "Run directory of an encoder-decoder run.", required=True)
 flags.DEFINE_string("input", "-", "File of source sentences, one per line ('-' = stdin).")

@@ -218,3 +218,16 @@ class EncoderDecoder(_LanguageModel):
             deterministic=deterministic,
             return_hidden=return_hidden,
         )
+
+
+def model_for(cfg: ModelConfig) -> GPT | EncoderDecoder:
+    """The model a config describes: a GPT when it has no encoder, else the encoder-decoder."""
+    return GPT(cfg) if cfg.is_decoder_only else EncoderDecoder(cfg)
+
+
+def init_variables(cfg: ModelConfig, rng: Array) -> dict:
+    """The variables of `model_for(cfg)` from a key (parameters boxed with their logical axes):
+    shapes do not depend on the example inputs' length."""
+    example = jnp.zeros((1, 8), jnp.int32)
+    inputs = (example,) if cfg.is_decoder_only else (example, example)
+    return model_for(cfg).init(rng, *inputs)

@@ -1,5 +1,5 @@
 """The training layer: run config, optimiser, sharding, tasks, pure steps, the trainer and its
-hooks, the run directory and its checkpoints, faults and several hosts.
+hooks, faults and several hosts (runs are stored by `transformer.store`).
 
   config      RunConfig (model, data, train, checkpoint, mesh), base_config() for configs/*.py
   optim       AdamW, schedules
@@ -9,8 +9,6 @@ hooks, the run directory and its checkpoints, faults and several hosts.
   hooks       what runs between steps: metric sums, records, checkpoints, the non-finite policy
   trainer     Trainer: the jitted sharded steps and the loop
   run         train_and_evaluate: a whole run
-  rundir      RunDir: the workdir's layout and load_run
-  checkpoint  Orbax checkpoints with fallback past damaged steps
   finetune    parameters to start from (checkpoint.init_from)
   faults, distributed, hostmem, metrics   signals, several hosts, CPU memory, MFU and records
 """

@@ -11,7 +11,7 @@ from transformer.errors import ConfigError
 from transformer.hf import load_hf
 from transformer.model.config import ModelConfig
 from transformer.model.scan import stack_layers, unstack_layers
-from transformer.train.rundir import CONFIG, RunDir
+from transformer.store.rundir import CONFIG, RunDir
 
 
 def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:

@@ -14,7 +14,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from transformer.model.config import ModelConfig
-from transformer.train.rundir import RunDir
+from transformer.store.rundir import RunDir
 
 # Published dense bfloat16 peaks (FLOP/s per device), matched against `device_kind`.
 KNOWN_PEAK_FLOPS = {

@@ -13,6 +13,7 @@ import jax
 from tqdm import tqdm
 
 from transformer.data.pipeline import Data, make_data
+from transformer.store.rundir import RunDir
 from transformer.train.config import RunConfig
 from transformer.train.faults import StopSignal
 from transformer.train.finetune import initial_params
@@ -30,7 +31,6 @@ from transformer.train.metrics import (
     flops_per_token,
     known_peak_flops,
 )
-from transformer.train.rundir import RunDir
 from transformer.train.steps import TrainState
 from transformer.train.trainer import Trainer
 

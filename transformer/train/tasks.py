@@ -25,7 +25,7 @@ from transformer.data.pairs import TRANSLATION_KEYS
 from transformer.inference import bleu, generate, translate
 from transformer.model import ops
 from transformer.model.config import ModelConfig
-from transformer.model.models import GPT, EncoderDecoder
+from transformer.model.models import GPT, EncoderDecoder, init_variables
 
 Batch = dict[str, jax.Array]
 
@@ -118,7 +118,7 @@ class LanguageModelTask(Task):
         return {"tokens": np.zeros((batch_size, seq_len + 1), np.int32)}
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
-        return self.model.init(rng, jnp.zeros((1, 8), jnp.int32))
+        return init_variables(self.model_cfg, rng)
 
     def forward(self, params, batch, *, rng=None, hidden=False):
         tokens = batch["tokens"]
@@ -151,8 +151,7 @@ class TranslationTask(Task):
         return {k: np.zeros((batch_size, seq_len), np.int32) for k in TRANSLATION_KEYS}
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
-        example = jnp.zeros((1, 8), jnp.int32)
-        return self.model.init(rng, example, example)
+        return init_variables(self.model_cfg, rng)
 
     def forward(self, params, batch, *, rng=None, hidden=False):
         logits = self.model.apply(

@@ -2,7 +2,7 @@
 
     DIR/config.json        the resolved run config (model.vocab_size filled in)
     DIR/tokenizer.json     the tokenizer the run trained or was given
-    DIR/checkpoints/       Orbax checkpoints, one directory per step (transformer.train.checkpoint)
+    DIR/checkpoints/       Orbax checkpoints, one directory per step (transformer.store.checkpoint)
     DIR/metrics.jsonl      one JSON object per logged step
     DIR/events.out.tfevents.*   TensorBoard
 
@@ -30,8 +30,8 @@ from transformer.data.tokenizer import TOKENIZER, Tokenizer
 from transformer.errors import CheckpointError, ConfigError
 from transformer.files import write_text_atomic
 from transformer.model.config import ModelConfig
-from transformer.train.checkpoint import Checkpoints
-from transformer.train.tasks import task_for
+from transformer.model.models import init_variables
+from transformer.store.checkpoint import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ class RunDir:
         """The model config and parameters (host NumPy arrays) of the newest good checkpoint
         (or of `step`); a damaged checkpoint is reported and the previous one used."""
         model_cfg = self.model_config()
-        task = task_for(model_cfg)
-        abstract = jax.eval_shape(lambda: nn.meta.unbox(task.init(jax.random.key(0))))
+        abstract = jax.eval_shape(
+            lambda: nn.meta.unbox(init_variables(model_cfg, jax.random.key(0)))
+        )
         target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract["params"])
         checkpoints = self.checkpoints(read_only=True)
         try:
