@@ -20,8 +20,8 @@ import _common as common
 import jax
 import numpy as np
 
+from transformer.model.sharding import batch_sharding
 from transformer.train.config import RunConfig
-from transformer.train.sharding import batch_sharding
 from transformer.train.trainer import Trainer
 
 

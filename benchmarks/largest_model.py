@@ -77,9 +77,9 @@ def step_memory(args: argparse.Namespace, layers: int, remat: str) -> dict[str, 
     compile on abstract inputs."""
     import jax
 
+    from transformer.model.sharding import batch_sharding
     from transformer.train.config import RunConfig
     from transformer.train.metrics import count_params
-    from transformer.train.sharding import batch_sharding
     from transformer.train.trainer import Trainer
 
     config = run_config(args, layers, remat)

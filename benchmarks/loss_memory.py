@@ -22,8 +22,8 @@ from typing import Any
 import _common as common
 import jax
 
+from transformer.model.sharding import batch_sharding
 from transformer.train.config import RunConfig
-from transformer.train.sharding import batch_sharding
 from transformer.train.trainer import Trainer
 
 

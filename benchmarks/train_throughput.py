@@ -34,6 +34,7 @@ import numpy as np
 
 from transformer.model import ops
 from transformer.model.config import PRESETS
+from transformer.model.sharding import global_batch
 from transformer.train import hostmem
 from transformer.train.config import RunConfig, base_config
 from transformer.train.metrics import (
@@ -42,7 +43,6 @@ from transformer.train.metrics import (
     known_peak_flops,
     measure_matmul_flops,
 )
-from transformer.train.sharding import global_batch
 from transformer.train.trainer import Trainer
 
 

@@ -45,8 +45,8 @@ from IPython.display import Markdown, display
 
 from transformer.data.pipeline import make_data
 from transformer.model.config import PRESETS
+from transformer.model.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
 from transformer.train.config import RunConfig, base_config
-from transformer.train.sharding import LOGICAL_AXIS_RULES, global_batch, make_mesh
 from transformer.train.trainer import Trainer
 
 assert jax.device_count() == 8, "JAX was imported before XLA_FLAGS was set: restart the kernel"

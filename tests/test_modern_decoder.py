@@ -13,7 +13,7 @@ import pytest
 from transformer import GPT, ConfigError, EncoderDecoder, ModelConfig, preset
 from transformer.model import ops
 from transformer.model.layers import FeedForward
-from transformer.train.sharding import check_model_fits, make_mesh
+from transformer.model.sharding import check_model_fits, make_mesh
 
 
 def init(model, *args, **kwargs):

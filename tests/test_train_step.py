@@ -8,8 +8,8 @@ import pytest
 from transformer.errors import ConfigError
 from transformer.model.config import PRESETS
 from transformer.model.ops import cross_entropy
+from transformer.model.sharding import batch_sharding, global_batch
 from transformer.train.config import RunConfig, base_config
-from transformer.train.sharding import batch_sharding, global_batch
 from transformer.train.trainer import Trainer
 
 VOCAB = 64

@@ -184,6 +184,16 @@ class Tokenizer:
         return self.hf.token_to_id(PAD)
 
     @property
+    def bos_token(self) -> str:
+        """The beginning-of-sequence token's text (`<bos>`, `<|endoftext|>`, `<s>`, ...)."""
+        return self._bos
+
+    @property
+    def eos_token(self) -> str:
+        """The end-of-sequence token's text."""
+        return self._eos
+
+    @property
     def bos_id(self) -> int:
         """Beginning-of-sequence id: 1, 50256 (`<|endoftext|>`) for GPT-2, the model's own for
         'hf'."""

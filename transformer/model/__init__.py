@@ -10,6 +10,7 @@ Imports only `transformer.errors`; nothing here knows about data, training or fi
   embeddings  token and position embeddings, the tied output projection
   models      GPT and EncoderDecoder
   scan        scanned <-> unrolled parameter trees
+  sharding    the device mesh and the one rules table mapping the logical axes onto it
 """
 
 from transformer.model.config import ModelConfig, preset

@@ -11,7 +11,7 @@ Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `kv`, 
 `layers`);
 activations are constrained under names of their own (`activation_batch`, `activation_embed`,
 ...) at block and embedding outputs, on the attention projections and on the FFN hidden units.
-`transformer.train.sharding` maps both onto a device mesh with one small rules table.
+`transformer.model.sharding` maps both onto a device mesh with one small rules table.
 """
 
 from __future__ import annotations

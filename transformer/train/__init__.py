@@ -1,9 +1,8 @@
-"""The training layer: run config, optimiser, sharding, tasks, pure steps, the trainer and its
+"""The training layer: run config, optimiser, tasks, pure steps, the trainer and its
 hooks, faults and several hosts (runs are stored by `transformer.store`).
 
   config      RunConfig (model, data, train, checkpoint, mesh), base_config() for configs/*.py
   optim       AdamW, schedules
-  sharding    the mesh and the one logical-axis rules table
   tasks       what a model is trained to do: batch layout, model call, end-of-run report
   steps       the pure train_step and eval_step
   hooks       what runs between steps: metric sums, records, checkpoints, the non-finite policy

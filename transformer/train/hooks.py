@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.errors import NonFiniteError
-from transformer.train import sharding
+from transformer.model import sharding
 
 
 @dataclasses.dataclass

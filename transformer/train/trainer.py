@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from transformer.model import sharding
 from transformer.model.config import ModelConfig
-from transformer.train import sharding
 from transformer.train.config import PRNG_IMPLS, RunConfig
 from transformer.train.hooks import Hook, StepInfo, Throughput
 from transformer.train.optim import optimizer_for
