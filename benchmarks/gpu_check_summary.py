@@ -2,13 +2,15 @@
 JSON files the stages wrote, in one place; and all of it, the stages' own JSON included, in one
 JSON file (--json).
 
-    python benchmarks/gpu_check_summary.py --stages DIR --train shipped=train_shipped.json \\
-        --train model.kernels=cpu=train_kernels_cpu.json --stage train:0:95 --json summary.json
+    python benchmarks/gpu_check_summary.py --stages DIR --train train_shipped.json \\
+        --profile profile.json --flags flags.json --scaling scaling.json --decode decode_b1.json \\
+        --stage train:0:95 --json summary.json
 
---train LABEL=FILE names the training runs (the first is the one with the torch reference),
---decode FILE the decoding runs, --scaling and --largest their files, all in --stages;
---stage NAME:EXIT:SECONDS the stages as the shell ran them. A missing or unreadable file shows
-as n/a: a stage that failed leaves its line empty, not the summary. Exits with status 3 when
+--train FILE is the shipped step beside its torch reference, --profile where each spent its
+step, --flags the XLA flag sets, --scaling the model sizes, --decode FILE the decoding runs and
+--largest the largest model, all in --stages; --stage NAME:EXIT:SECONDS the stages as the shell
+ran them. A missing or unreadable file shows as n/a (the profile and largest-model lines are
+left out): a stage that failed leaves its line empty, not the summary. Exits with status 3 when
 a torch reference failed inside a stage that otherwise succeeded.
 """
 
@@ -20,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
+import model_scaling
+import xla_flags
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=Path, required=True, help="folder of the stages' JSON")
-    parser.add_argument("--train", action="append", default=[], metavar="LABEL=FILE")
+    parser.add_argument("--train", metavar="FILE")
+    parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--flags", metavar="FILE")
     parser.add_argument("--decode", action="append", default=[], metavar="FILE")
     parser.add_argument("--scaling", metavar="FILE")
     parser.add_argument("--largest", metavar="FILE")
@@ -61,8 +67,14 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the block prints, as plain data (also what summary.json holds)."""
     folder, raw = args.stages, {}
     stages = [stage_row(item) for item in args.stage]
-    out: dict[str, Any] = {"stages": stages, "train": [], "decode": [], "ratios": {}, "errors": []}
-    shipped_tps = add_train_runs(out, folder, args.train, raw)
+    out: dict[str, Any] = {"stages": stages, "decode": [], "ratios": {}, "errors": []}
+    shipped_tps = add_train_run(out, load(folder, args.train, raw), args.train)
+    profile = load(folder, args.profile, raw)
+    if profile is not None:
+        out["profile"] = profile_table(profile)
+    flags = load(folder, args.flags, raw)
+    if flags is not None:
+        out["flags"] = {"runs": flags["runs"], "comparison": flags.get("comparison")}
     scaling = load(folder, args.scaling, raw)
     if scaling is not None:
         add_scaling(out, scaling, shipped_tps)
@@ -87,42 +99,30 @@ def stage_row(item: str) -> dict[str, str]:
     return {"name": name, "exit": rc, "status": status.get(rc, "failed"), "seconds": seconds}
 
 
-def add_train_runs(
-    out: dict[str, Any], folder: Path, items: list[str], raw: dict[str, Any]
-) -> float | None:
-    """A row per --train LABEL=FILE, the first run's torch reference, and each later run's
-    tokens/s against the first run's, which it returns (None when the first wrote nothing)."""
-    shipped_tps = None
-    for n, item in enumerate(items):
-        label, _, name = item.rpartition("=")
-        r = load(folder, name, raw)
-        row: dict[str, Any] = {"label": label, "file": name}
-        if r is not None:
-            o = r["ours"]
-            row.update(
-                tokens_per_s=o["tokens_per_s"],
-                step_s=o["step_s_median"],
-                mfu=o["mfu_vs_published_peak"],
-                mfu_matmul=o["mfu_vs_measured_matmul"],
-                peak_memory_bytes=o["peak_memory_bytes"],
-                compile_s=o["compile_s"],
-                published_peak_flops=r["published_peak_flops"],
-                device_kind=r["machine"]["device_kind"],
-                shape=r["shape"],
-            )
-            out.setdefault("device", f"{r['machine']['device_kind']} ({r['machine']['platform']})")
-            out.setdefault("jax", r["machine"]["jax"])
-            if r.get("reference_error"):
-                out["errors"].append(f"training {label}: torch: {r['reference_error']}")
-            if n == 0:
-                shipped_tps = o["tokens_per_s"]
-                add_train_reference(out, r)
-            else:
-                out["ratios"][f"train {label} / {items[0].rpartition('=')[0]}"] = ratio(
-                    o["tokens_per_s"], shipped_tps
-                )
-        out["train"].append(row)
-    return shipped_tps
+def add_train_run(out: dict[str, Any], r: dict[str, Any] | None, name: str | None) -> float | None:
+    """The shipped step's row and its torch reference; returns its tokens/s (None when the
+    stage wrote nothing)."""
+    out["train"] = {"file": name}
+    if r is None:
+        return None
+    o = r["ours"]
+    out["train"].update(
+        tokens_per_s=o["tokens_per_s"],
+        step_s=o["step_s_median"],
+        mfu=o["mfu_vs_published_peak"],
+        mfu_matmul=o["mfu_vs_measured_matmul"],
+        peak_memory_bytes=o["peak_memory_bytes"],
+        compile_s=o["compile_s"],
+        published_peak_flops=r["published_peak_flops"],
+        device_kind=r["machine"]["device_kind"],
+        shape=r["shape"],
+    )
+    out.setdefault("device", f"{r['machine']['device_kind']} ({r['machine']['platform']})")
+    out.setdefault("jax", r["machine"]["jax"])
+    if r.get("reference_error"):
+        out["errors"].append(f"training: torch: {r['reference_error']}")
+    add_train_reference(out, r)
+    return o["tokens_per_s"]
 
 
 def add_train_reference(out: dict[str, Any], r: dict[str, Any]) -> None:
@@ -144,16 +144,39 @@ def add_train_reference(out: dict[str, Any], r: dict[str, Any]) -> None:
 
 
 def add_scaling(out: dict[str, Any], scaling: dict[str, Any], shipped_tps: float | None) -> None:
-    """The scaling rows, and the tokens/s of its `small` shape against the first training run's
-    (the label says how the scaling stage scanned and rematerialised)."""
-    out["scaling"] = scaling["rows"]
-    if shipped_tps:
-        small = next((r for r in scaling["rows"] if r.get("name") == "small"), None)
-        if small and "tokens_per_s" in small:
-            how = f"scan {small['scan_layers']}, remat {small['remat_policy']}"
+    """The scaling rows, each with its tokens/s over its shape's scan variant's, and the `small`
+    shape's variants against the shipped step's tokens/s."""
+    speedups = model_scaling.speedups(scaling["rows"])
+    unroll = scaling.get("unroll", 1)
+    out["scaling"] = [
+        {
+            **r,
+            "label": model_scaling.label(r.get("variant", "scan"), unroll),
+            "vs_scan": speedups.get((r["name"], r.get("variant"))),
+        }
+        for r in scaling["rows"]
+    ]
+    for r in out["scaling"]:
+        if shipped_tps and r["name"] == "small" and "tokens_per_s" in r:
+            how = f"{r['label']}, remat {r['remat_policy']}"
             out["ratios"][f"train scaling small ({how}) / shipped"] = ratio(
-                small["tokens_per_s"], shipped_tps
+                r["tokens_per_s"], shipped_tps
             )
+
+
+def profile_table(profile: dict[str, Any]) -> dict[str, Any]:
+    """From profile_trace.py's JSON: each side's (ours, and torch's `reference` when it ran)
+    milliseconds per step by category, busy and wall, and its three costliest ops."""
+    return {
+        side: {
+            "categories": profile[side].get("categories") or {},
+            "busy_ms_per_step": profile[side].get("busy_ms_per_step"),
+            "wall_ms_per_step": profile[side].get("wall_ms_per_step"),
+            "top_ops": (profile[side].get("top_ops") or [])[:3],
+        }
+        for side in ("ours", "reference")
+        if profile.get(side)
+    }
 
 
 def add_decode_run(out: dict[str, Any], name: str, r: dict[str, Any] | None) -> None:
@@ -185,18 +208,20 @@ def report(s: dict[str, Any]) -> None:
         f"device {s.get('device', 'n/a')}, jax {s.get('jax', 'n/a')}, "
         f"torch {s.get('torch') or 'n/a'}"
     )
-    rows = [r for r in s["train"] if "tokens_per_s" in r]
-    if rows:
-        report_training(rows, s.get("train_reference"))
-    for r in s["train"]:
-        if "tokens_per_s" not in r:
-            print(f"training {r['label']}: n/a (no {r['file']})")
+    if "tokens_per_s" in s["train"]:
+        report_training(s["train"], s.get("train_reference"))
+    else:
+        print(f"training: n/a (no {s['train']['file'] or 'file given'})")
+    if s.get("profile"):
+        report_profile(s["profile"])
+    print(flags_line(s["flags"]) if "flags" in s else "XLA flags: n/a")
     if "scaling" in s:
         report_scaling(s["scaling"])
     else:
         print("scaling: n/a")
     report_decoding([r for r in s["decode"] if "batch" in r])
-    print(s["largest"]["line"] if "largest" in s else "largest GPT: n/a")
+    if "largest" in s:
+        print(s["largest"]["line"])
     print("ratios: " + "; ".join(f"{k} {times(v)}" for k, v in s["ratios"].items()))
     for error in s["errors"]:
         print(f"reference failed in {error}")
@@ -205,11 +230,47 @@ def report(s: dict[str, Any]) -> None:
     )
 
 
-def report_training(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> None:
-    """The training runs that wrote results, and the torch reference, as one table (the shape
-    is the first run's), then how each was configured."""
-    sh = rows[0]["shape"]
-    peak = rows[0]["published_peak_flops"]
+def report_profile(p: dict[str, Any]) -> None:
+    """Milliseconds per step by category, ours beside torch's, costliest first; then busy and
+    wall time, and each side's three costliest ops."""
+    sides = [side for side in ("ours", "reference") if side in p]
+    names = {"ours": "ours", "reference": "torch"}
+    categories = {c for side in sides for c in p[side]["categories"]}
+    lines = [
+        (f"  {c}", [p[side]["categories"].get(c) for side in sides])
+        for c in sorted(categories, key=lambda c: -max(p[s]["categories"].get(c, 0) for s in sides))
+    ]
+    lines += [(key, [p[side][f"{key}_ms_per_step"] for side in sides]) for key in ("busy", "wall")]
+    rows = []
+    for name, values in lines:
+        row = [name, *("-" if v is None else f"{v:.2f}" for v in values)]
+        rows.append(row + ([times(ratio(*values))] if len(sides) == 2 else []))
+    header = ["profile, ms per step", *(names[side] for side in sides)]
+    common.print_table(header + (["ours / torch"] if len(sides) == 2 else []), rows)
+    for side in sides:
+        ops = "; ".join(
+            f"{op['name'][:48]} ({op.get('category', '?')}) {op['ms_per_step']:.2f} ms"
+            for op in p[side]["top_ops"]
+        )
+        print(f"costliest ops, {names[side]}: {ops or 'n/a'}")
+
+
+def flags_line(f: dict[str, Any]) -> str:
+    """Each XLA flag set's tokens/s over the default's (or why it has none), and the verdict."""
+    parts = [
+        f"{r['name']} {times(r['ratio'])}" if r.get("ratio") else f"{r['name']} {r['status']}"
+        for r in f["runs"][1:]
+    ]
+    line = "XLA flags, tokens/s / default: " + ("; ".join(parts) or "n/a")
+    if f.get("comparison"):
+        line += "\n  " + xla_flags.summary_line(f["comparison"])
+    return line
+
+
+def report_training(r: dict[str, Any], ref: dict[str, Any] | None) -> None:
+    """The shipped step and its torch reference as one table, then how each was configured."""
+    sh = r["shape"]
+    peak = r["published_peak_flops"]
     print(
         f"training step: {sh['layers']} layers x {sh['d_model']}, batch {sh['batch']} x "
         f"{sh['context']} tokens, {sh['dtype']}, vocab {sh['vocab']}"
@@ -217,14 +278,13 @@ def report_training(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> N
     peak_name = f"MFU ({peak / 1e12:.0f} TFLOP/s)" if peak else "MFU (published)"
     table = [
         (
-            f"ours, {r['label']}",
+            "ours",
             f"{r['tokens_per_s']:,.0f}",
             f"{1e3 * r['step_s']:.1f}",
             pct(r["mfu"]),
             pct(r["mfu_matmul"]),
             common.format_bytes(r["peak_memory_bytes"]),
         )
-        for r in rows
     ]
     if ref:
         memory = ref["peak_memory_bytes"]
@@ -239,14 +299,12 @@ def report_training(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> N
             )
         )
     common.print_table(["", "tokens/s", "step ms", peak_name, "MFU (matmul)", "peak memory"], table)
-    for r in rows:
-        sh = r["shape"]
-        kernels = sh.get("kernels_resolved") or sh.get("kernels") or "n/a"
-        print(
-            f"ours, {r['label']}: {sh['config']} + {' '.join(sh.get('overrides', []))} "
-            f"(attention {sh['attention_impl']}, kernels {kernels}, remat "
-            f"{sh['remat_policy']}, scan {sh['scan_layers']}; compile {r['compile_s']:.1f} s)"
-        )
+    kernels = sh.get("kernels_resolved") or sh.get("kernels") or "n/a"
+    print(
+        f"ours: {sh['config']} + {' '.join(sh.get('overrides', []))} "
+        f"(attention {sh['attention_impl']}, kernels {kernels}, remat "
+        f"{sh['remat_policy']}, scan {sh['scan_layers']}; compile {r['compile_s']:.1f} s)"
+    )
     if ref:
         print(f"torch: {ref['label']}")
         if ref["compile_error"]:
@@ -254,20 +312,32 @@ def report_training(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> N
 
 
 def report_scaling(rows: list[dict[str, Any]]) -> None:
-    """One line per scaling shape: its numbers, or why it has none."""
-    parts = []
+    """A row per scaling shape and variant: its numbers, or why it has none."""
+    table = []
     for r in rows:
-        if "tokens_per_s" in r:
-            parts.append(
-                f"{r['name']} {common.format_count(r['num_params'])} b{r['batch']} "
-                f"scan {r['scan_layers']} remat {r['remat_policy']}: "
-                f"{r['tokens_per_s']:,.0f} tok/s, "
-                f"MFU {pct(r['mfu_vs_published_peak'])}, "
-                f"{common.format_bytes(r['peak_memory_bytes'])}"
+        how = (r["name"], r["label"], r["remat_policy"])
+        if "tokens_per_s" not in r:
+            table.append((*how, "-", r["batch"], "-", "-", "-", "-", "-", r["status"]))
+            continue
+        table.append(
+            (
+                *how,
+                common.format_count(r["num_params"]),
+                r["batch"],
+                f"{r['tokens_per_s']:,.0f}",
+                times(r["vs_scan"]),
+                pct(r["mfu_vs_published_peak"]),
+                f"{r['compile_s']:.1f}",
+                common.format_bytes(r["peak_memory_bytes"]),
+                r["status"],
             )
-        else:
-            parts.append(f"{r['name']}: {r['status']}")
-    print("scaling: " + "\n         ".join(parts))
+        )
+    print("scaling: the layers under nn.scan, several per scan iteration, or unrolled")
+    common.print_table(
+        ["shape", "layers run", "remat", "params", "batch", "tokens/s", "/ scan", "MFU"]
+        + ["compile s", "peak memory", "status"],
+        table,
+    )
 
 
 def report_decoding(rows: list[dict[str, Any]]) -> None:

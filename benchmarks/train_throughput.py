@@ -35,7 +35,7 @@ import numpy as np
 from transformer.model import ops
 from transformer.model.config import PRESETS
 from transformer.model.sharding import global_batch
-from transformer.train import hostmem
+from transformer.train import hostmem, xla_flags
 from transformer.train.config import RunConfig, base_config
 from transformer.train.metrics import (
     count_params,
@@ -302,6 +302,7 @@ def main() -> None:
         args.reference_device = "none"
     common.make_room_for_torch(args.reference_device)
     keep_memory = hostmem.configure(args.keep_host_memory)
+    xla_flags.configure()  # as train.py: the shipped GPU flags, unless XLA_FLAGS is set
     config = build_config(args)
     machine = common.machine()  # load average now, before this run adds to it
     machine["keep_freed_host_memory"] = keep_memory

@@ -7,7 +7,8 @@ Every config field can be overridden with --config.SECTION.FIELD=VALUE; unknown 
 wrong types and impossible values are rejected before anything is written (--help lists the
 fields). Running the same command again resumes from the newest checkpoint.
 Multi-host: the same command on every host (TPU pods and SLURM are detected), or pass
---coordinator_address, --num_processes and --process_id.
+--coordinator_address, --num_processes and --process_id. On an NVIDIA GPU, an unset XLA_FLAGS
+gets the GPU flags of transformer/train/xla_flags.py (set XLA_FLAGS, even empty, to choose).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 from transformer.cli.entry import main_entry
 from transformer.cli.flags import DEFAULT_CONFIG
-from transformer.train import distributed, hostmem
+from transformer.train import distributed, hostmem, xla_flags
 from transformer.train.config import RunConfig
 from transformer.train.run import train_and_evaluate
 
@@ -44,6 +45,9 @@ flags.DEFINE_bool(
 def run() -> int:
     run_cfg = RunConfig.from_any(FLAGS.config)  # every value checked before anything is written
     hostmem.configure(FLAGS.keep_host_memory)  # before JAX starts its threads
+    gpu_flags = xla_flags.configure()  # before JAX starts its backend, which reads XLA_FLAGS
+    if gpu_flags:
+        print(f"XLA_FLAGS={' '.join(gpu_flags)} (train.py's GPU default; set XLA_FLAGS to choose)")
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir
     if workdir is None:
