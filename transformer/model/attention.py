@@ -52,7 +52,7 @@ class MultiHeadAttention(nn.Module):
     ) -> Array:
         cfg = self.config
         n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
-        dense = dense_for(cfg)
+        dense = dense_for(cfg, self.deterministic)
         xavier = kernel_init(cfg, d, d)
         if self.cross:
             query = dense(
@@ -94,7 +94,7 @@ class MultiHeadAttention(nn.Module):
         returned for multi-head attention (k = n), None for grouped-query attention."""
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
-        dense = dense_for(cfg)
+        dense = dense_for(cfg, self.deterministic)
         xavier = kernel_init(cfg, d, d)
         if k == n:
             qkv = dense(
@@ -229,7 +229,7 @@ class MultiHeadAttention(nn.Module):
                 self.get_variable("cache", "cross_value"),
             )
         k, h, d = cfg.kv_heads, cfg.head_dim, cfg.d_model
-        kv = dense_for(cfg)(
+        kv = dense_for(cfg, self.deterministic)(
             features=(2, k, h),
             kernel_axes=("embed", None, "kv_heads", "kv"),
             kernel_init=kernel_init(cfg, d, k * h),

@@ -70,7 +70,11 @@ class TransformerBlock(nn.Module):
                 ),
                 "norm_cross_attention",
             )
-        x = residual(x, FeedForward(cfg, out_scale=self.out_scale, name="mlp"), "norm_mlp")
+        x = residual(
+            x,
+            FeedForward(cfg, self.out_scale, self.deterministic, name="mlp"),
+            "norm_mlp",
+        )
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return (x, None) if self.scanned else x
 

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 LOSS_IMPLS = ("fused", "reference")
+LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")  # transformer.model.lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,10 @@ class ModelConfig:
     kernels: str = "auto"  # hot ops: auto (per platform) | reference (autodiff) | cpu (tuned)
     loss_chunk_len: int = 0  # loss over this many positions at a time (no [b,t,v] logits); 0=all
     loss_impl: str = "fused"  # fused (no float32 logits, own backward) | reference (autodiff)
+    lora_rank: int = 0  # LoRA adapter rank on lora_targets (then only they train); 0 = none
+    lora_alpha: float = 16.0  # adapters scaled by lora_alpha / lora_rank
+    lora_targets: str = "q,v"  # comma list of q, k, v, qkv (one for all three), o, gate, up, down
+    lora_dropout: float = 0.0  # dropout on the adapters' input in training
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, message: str) -> None:
@@ -122,6 +127,7 @@ class ModelConfig:
             "must be a positive number of layers per scan iteration (1 = one)",
         )
         check(self.init_std >= 0, "init_std", "must be >= 0 (0 selects Xavier-uniform)")
+        self._check_lora(check)
         choices = {
             "activation": ACTIVATIONS,
             "norm_position": NORM_POSITIONS,
@@ -136,6 +142,26 @@ class ModelConfig:
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed, field, f"must be one of {', '.join(allowed)}")
+
+    def _check_lora(self, check: Any) -> None:
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        check(
+            isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+            "lora_rank",
+            "must be >= 0 (0 = no adapters)",
+        )
+        check(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        check(
+            all(t in LORA_TARGETS for t in targets) and (targets or not self.lora_rank),
+            "lora_targets",
+            f"must be a comma list of {', '.join(LORA_TARGETS)}",
+        )
+        check(
+            not ("qkv" in targets and {"q", "k", "v"} & set(targets)),
+            "lora_targets",
+            "qkv is one adapter for queries, keys and values together; use it or q, k, v",
+        )
 
     def describe(self) -> str:
         """'a 6-layer GPT' or 'a 6+6-layer encoder-decoder', for messages."""
@@ -202,6 +228,10 @@ class ModelConfig:
         return [(k, theirs[k], mine[k]) for k in mine if k not in skipped and theirs[k] != mine[k]]
 
 
+# The adapters a run trains on top of a model (transformer.model.lora): part of what a run's
+# checkpoints hold, but not of the base model a run starts from.
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+
 # Fields that change how a model is computed or trained, not what function it computes with
 # given parameters: they may differ between a run and its resumption or its fine-tuning.
 # (`scan_layers` is not one: it changes the parameters' layout, which a checkpoint keeps;
@@ -216,6 +246,7 @@ RUNTIME_FIELDS = (
     "attention_dropout_rate",
     "loss_chunk_len",
     "loss_impl",
+    "lora_dropout",
     "init_std",  # only the first initialisation reads it
 )
 

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.model import lora as lora_module
 from transformer.model import ops
 from transformer.model.config import ModelConfig
+from transformer.model.lora import Lora
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -91,6 +93,8 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32  # the computation's
     param_dtype: Any = jnp.float32  # the stored parameters'
     kernels: str = "auto"  # `ops.kernels`: auto | reference | cpu
+    lora: Lora | None = None  # low-rank adapters beside W (`transformer.model.lora`)
+    deterministic: bool = True  # no dropout on the adapters' input
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -106,22 +110,63 @@ class Dense(nn.Module):
         kernel = self.param("kernel", init, shape, self.param_dtype)  # [*in, *features]
         matmul = ops.kernels(self.kernels).matmul
         y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        if self.lora is not None:
+            y = y + self._adapters(x, shape, n_in)
         if self.use_bias:
             bias_init = with_axes(nn.initializers.zeros, *self.kernel_axes[n_in:])
             bias = self.param("bias", bias_init, features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
+    def _adapters(self, x: Array, shape: tuple[int, ...], n_in: int) -> Array:
+        """(alpha / r) x A B [..., *features]; the adapters are float32 parameters, computed in
+        the compute dtype, their axes named as the kernel's (so they shard as it does)."""
+        lora, r = self.lora, self.lora.rank
+        in_shape, in_axes = shape[:n_in], self.kernel_axes[:n_in]
+        out_shape, out_axes = shape[n_in:], self.kernel_axes[n_in:]
+        if lora.slots is None:
+            a_shape, a_axes = (*in_shape, r), (*in_axes, "lora")
+            b_shape, b_axes = (r, *out_shape), ("lora", *out_axes)
+        else:  # [*in, S, r] and [S, r, *rest]: one A and B per adapted slot of the first axis
+            slots = len(lora.slots)
+            a_shape, a_axes = (*in_shape, slots, r), (*in_axes, None, "lora")
+            b_shape, b_axes = (slots, r, *out_shape[1:]), (None, "lora", *out_axes[1:])
+        a_init = with_axes(lora_module.init_a(int(np.prod(in_shape))), *a_axes)
+        a = self.param("lora_a", a_init, a_shape, jnp.float32)
+        b = self.param("lora_b", with_axes(nn.initializers.zeros, *b_axes), b_shape, jnp.float32)
+        if lora.dropout > 0 and not self.deterministic:
+            x = ops.dropout(x, lora.dropout, self.make_rng("dropout"))
+        matmul = ops.kernels(self.kernels).matmul
+        h = matmul(x.astype(self.dtype), a.astype(self.dtype), n_in)  # [..., (S,) r]
+        if lora.slots is None:
+            return lora.scale * matmul(h, b.astype(self.dtype), 1)
+        per_slot = jnp.einsum("...sr,sro->...so", h, b.astype(self.dtype).reshape(slots, r, -1))
+        per_slot = per_slot.reshape(*h.shape[:-2], slots, *out_shape[1:])
+        zeros = jnp.zeros((*h.shape[:-2], *out_shape[1:]), self.dtype)
+        pieces = [
+            jnp.take(per_slot, lora.slots.index(s), axis=h.ndim - 2) if s in lora.slots else zeros
+            for s in range(out_shape[0])
+        ]
+        return lora.scale * jnp.stack(pieces, axis=h.ndim - 2)
 
-def dense_for(cfg: ModelConfig) -> Callable[..., Dense]:
-    """`Dense` with the model's bias choice, dtypes and kernels bound."""
-    return functools.partial(
-        Dense,
-        use_bias=cfg.use_bias,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.params_dtype,
-        kernels=cfg.kernels,
-    )
+
+def dense_for(cfg: ModelConfig, deterministic: bool = True) -> Callable[..., Dense]:
+    """`Dense` with the model's bias choice, dtypes and kernels bound, and the LoRA adapters the
+    config puts on a projection of its name (`lora.lora_for`)."""
+
+    def make(*, name: str, **kwargs: Any) -> Dense:
+        return Dense(
+            name=name,
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            kernels=cfg.kernels,
+            lora=lora_module.lora_for(cfg, name),
+            deterministic=deterministic,
+            **kwargs,
+        )
+
+    return make
 
 
 class FeedForward(nn.Module):
@@ -131,12 +176,13 @@ class FeedForward(nn.Module):
 
     config: ModelConfig
     out_scale: float = 1.0
+    deterministic: bool = True  # no dropout on LoRA adapters' input
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         d, f = cfg.d_model, cfg.d_ff
-        dense = dense_for(cfg)
+        dense = dense_for(cfg, self.deterministic)
         wi_init, wo_init = kernel_init(cfg, d, f), kernel_init(cfg, f, d, self.out_scale)
         wi = functools.partial(dense, features=f, kernel_axes=("embed", "mlp"), kernel_init=wi_init)
         if cfg.gated_ffn:

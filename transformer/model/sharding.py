@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("kv", None),
     ("layers", None),
+    ("lora", None),  # the rank of LoRA adapters: small, whole on every device
     # Activations: heads and FFN hidden units split as their kernels are (Megatron TP).
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

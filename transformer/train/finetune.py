@@ -9,7 +9,7 @@ import jax
 
 from transformer.errors import ConfigError
 from transformer.hf import load_hf
-from transformer.model.config import ModelConfig
+from transformer.model.config import ADAPTER_FIELDS, ModelConfig
 from transformer.model.scan import stack_layers, unstack_layers
 from transformer.store.rundir import CONFIG, RunDir
 
@@ -31,8 +31,8 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
             "nor a Hugging Face GPT-2 or Llama directory (with config.json); check the path"
         )
     # The embedding rows are compared below, with a message that names the fix; the layers'
-    # layout was converted above.
-    ignore = ("vocab_size", "real_vocab_size", "scan_layers")
+    # layout was converted above; adapters are the run's own, on top of the base.
+    ignore = ("vocab_size", "real_vocab_size", "scan_layers", *ADAPTER_FIELDS)
     diffs = [
         f"model.{k}: {theirs!r} there, {mine!r} here"
         for k, theirs, mine in model_cfg.differences(source_cfg, ignore=ignore)

@@ -56,10 +56,11 @@ def make_schedule(
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only: not on biases, norm scales or embeddings."""
+    """Weight decay on matrices only (kernels and LoRA adapters): not on biases, norm scales
+    or embeddings."""
 
     def decays(path: tuple[Any, ...], leaf: jax.Array) -> bool:
-        return getattr(path[-1], "key", None) == "kernel"
+        return getattr(path[-1], "key", None) in ("kernel", "lora_a", "lora_b")
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

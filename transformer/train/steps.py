@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from transformer.model import lora
 from transformer.train.config import PRNG_IMPLS
 from transformer.train.tasks import Batch, Task
 
@@ -26,7 +27,7 @@ def prng_key(seed: int, impl: str) -> jax.Array:
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # optimizer steps taken
     params: Any
-    opt_state: Any
+    opt_state: Any  # of the trainable parameters: all, or only the LoRA adapters
     # The run's key as raw key data, shaped by its generator (uint32 [2] threefry, [4] rbg):
     # checkpoints hold plain arrays. Per-step keys are fold_in(key, step).
     rng: jax.Array
@@ -49,17 +50,21 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum_steps` micro-batches; metrics are sums and counts."""
     rng = jax.random.fold_in(state.key(), state.step)
+    # With LoRA adapters only they are differentiated and updated; the base stays as it is.
+    trainable, frozen = lora.split_trainable(state.params)
 
     def micro_step(params: Any, micro: Batch, key: jax.Array) -> tuple[Any, jax.Array, ...]:
         def objective(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            loss, nll, count = task.loss(p, micro, rng=key, label_smoothing=label_smoothing)
+            loss, nll, count = task.loss(
+                lora.join(p, frozen), micro, rng=key, label_smoothing=label_smoothing
+            )
             return loss, (nll, count)
 
         (loss, (nll, count)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, loss, nll, count
 
     if accum_steps == 1:
-        grads, loss, nll, count = micro_step(state.params, batch, rng)
+        grads, loss, nll, count = micro_step(trainable, batch, rng)
     else:
         # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a share of each.
         micro_batches = jax.tree.map(
@@ -73,10 +78,10 @@ def train_step(
             carry: tuple[Any, ...], xs: tuple[Batch, jax.Array]
         ) -> tuple[tuple[Any, ...], None]:
             micro, index = xs
-            out = micro_step(state.params, micro, jax.random.fold_in(rng, index))
+            out = micro_step(trainable, micro, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, out), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, 0.0)
+        zeros = (jax.tree.map(jnp.zeros_like, trainable), 0.0, 0.0, 0.0)
         (grads, loss, nll, count), _ = jax.lax.scan(
             body, zeros, (micro_batches, jnp.arange(accum_steps))
         )
@@ -85,8 +90,8 @@ def train_step(
         # Gradients of sums over tokens -> gradient of the mean over every token of the step.
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = lora.join(optax.apply_updates(trainable, updates), frozen)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # keep the old parameters and optimizer state, but count the step

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
-from transformer.model import sharding
+from transformer.model import lora, sharding
 from transformer.model.config import ModelConfig
 from transformer.train.config import PRNG_IMPLS, RunConfig
 from transformer.train.hooks import Hook, StepInfo, Throughput
@@ -72,7 +73,7 @@ class Trainer:
             return TrainState(
                 step=jnp.zeros((), jnp.int32),
                 params=params,
-                opt_state=tx.init(params),
+                opt_state=tx.init(lora.split_trainable(params)[0]),
                 rng=jax.random.key_data(jax.random.fold_in(key, 1)),
                 prng_impl=impl,
             )
@@ -132,13 +133,24 @@ class Trainer:
         key = prng_key(seed, self.run_cfg.train.prng_impl)
         return self.init_state(jax.random.key_data(key))
 
-    def place_params(self, host_params: Any) -> Any:
-        """Host parameters (e.g. to fine-tune from) sharded like this trainer's."""
-        return jax.tree.map(
-            lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding),
-            host_params,
-            self.abstract_state.params,
-        )
+    def place_params(self, host_params: Any, params: Any) -> Any:
+        """`params` with every parameter that `host_params` (e.g. to fine-tune from) holds
+        replaced by it, sharded like this trainer's; the others (LoRA adapters a base model has
+        no values for) stay as they are."""
+        abstract = traverse_util.flatten_dict(self.abstract_state.params)
+        host = traverse_util.flatten_dict(host_params)
+        unknown = sorted("/".join(p) for p in set(host) - set(abstract))
+        if unknown:
+            raise ValueError(f"parameters {', '.join(unknown[:4])} are not this model's")
+        placed = {
+            path: jax.device_put(np.asarray(host[path], s.dtype), s.sharding)
+            if path in host
+            else value
+            for (path, s), value in zip(
+                abstract.items(), traverse_util.flatten_dict(params).values(), strict=True
+            )
+        }
+        return traverse_util.unflatten_dict(placed)
 
     def evaluate(self, params: Any, batches: Any) -> dict[str, float]:
         """Held-out loss and perplexity over `batches` (this process's rows of each)."""
