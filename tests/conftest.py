@@ -67,9 +67,17 @@ def train_command(workdir, *overrides, config: str = "configs/tiny.py") -> list[
     return [str(ROOT / "train.py"), f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def train(workdir, *overrides, check: bool = True, devices: int = 1, env=None, timeout=300):
-    """`python train.py --config=configs/tiny.py --workdir=WORKDIR OVERRIDES` run to its end."""
-    command = train_command(workdir, *overrides)
+def train(
+    workdir,
+    *overrides,
+    config: str = "configs/tiny.py",
+    check: bool = True,
+    devices: int = 1,
+    env=None,
+    timeout=300,
+):
+    """`python train.py --config=CONFIG --workdir=WORKDIR OVERRIDES` run to its end."""
+    command = train_command(workdir, *overrides, config=config)
     return run_python(*command, devices=devices, env=env, timeout=timeout, check=check)
 
 

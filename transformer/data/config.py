@@ -23,7 +23,7 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "shakespeare"  # shakespeare | bible_en_de | text|jsonl|parquet|tsv:GLOB | hf:DIR
+    corpus: str = "shakespeare"  # shakespeare, bible_en_de, KIND:GLOB (KIND text, jsonl, chat, ...)
     eval_corpus: str = ""  # held-out files of the same kind; '' = the last ~10% of corpus
     tokenizer: str = "char"  # char | bpe | gpt2 (data.gpt2_vocab) | hf (data.tokenizer_path)
     vocab_size: int = 4096  # BPE target size (ignored for char and gpt2)
@@ -35,8 +35,9 @@ class DataConfig:
     shard_mb: float = 64.0  # input MB per token shard (the unit of `transformer.prepare` work)
     tokenizer_sample_mb: float = 100.0  # char/bpe tokenizers learn from this much training text
     pad_vocab_to_multiple_of: int = 64  # embedding rows rounded up for fast matmuls
-    pack: bool = False  # translation: pack several pairs per row (segment ids)
+    pack: bool = False  # translation, chat, instruct: several examples per row (segment ids)
     truncate: bool = True  # translation: cut pairs longer than seq_len (False: error)
+    skip_bad_records: bool = False  # chat/instruct: skip and count bad records (False: error)
 
     def __post_init__(self) -> None:
         ok, choices = one_of(self.tokenizer, TOKENIZERS)

@@ -19,16 +19,16 @@ from pathlib import Path
 
 from transformer.data import bundled
 from transformer.data.documents import (
+    EXAMPLE_KINDS,
     FILE_FORMATS,
     MemoryUnit,
     Unit,
-    expand_files,
     group_units,
     holdout_count,
     input_files,
     plan_splits,
-    read_text_file,
 )
+from transformer.data.records import expand_files, read_text_file
 from transformer.errors import DataError
 
 
@@ -144,21 +144,29 @@ def _files_fingerprint(spec: str, paths: list[Path]) -> str:
 
 
 def _file_corpus(spec: str, text_field: str, eval_spec: str, unit_bytes: int) -> Corpus:
-    """A language-model corpus of the user's files, streamed unit by unit (`documents`)."""
+    """A corpus of the user's files, streamed unit by unit (`documents`): documents for a
+    language model, or records of conversations (chat, instruct)."""
     key = f"{spec}\0{text_field}\0{eval_spec}\0{unit_bytes}"
     paths = input_files(spec) + (input_files(eval_spec) if eval_spec else [])
+    records = spec.partition(":")[0]
+    kind = records if records in EXAMPLE_KINDS else "text"
 
     def plan() -> dict[str, list[Unit]]:
         splits = plan_splits(spec, text_field, eval_spec)
-        return {s: group_units(s, sources, text_field, unit_bytes) for s, sources in splits.items()}
+        return {
+            s: group_units(s, sources, text_field, unit_bytes, kind)
+            for s, sources in splits.items()
+        }
 
-    return Corpus(spec, "lm", _files_fingerprint(key, paths), plan=plan)
+    corpus_kind = "lm" if kind == "text" else "chat"
+    return Corpus(spec, corpus_kind, _files_fingerprint(key, paths), plan=plan)
 
 
 # ---------------------------------------------------------------------------- dispatch
 CORPORA_HELP = (
     "'shakespeare', 'bible_en_de' (any two of {langs}), 'text:GLOB', 'jsonl:GLOB' (also .gz, "
-    ".zst), 'parquet:GLOB', 'hf:DIR' (save_to_disk) or 'tsv:GLOB' (translation pairs)"
+    ".zst), 'parquet:GLOB', 'hf:DIR' (save_to_disk), 'chat:GLOB' or 'instruct:GLOB' (answers "
+    "to learn: JSON lines, parquet or a save_to_disk DIR) or 'tsv:GLOB' (translation pairs)"
 )
 
 
@@ -167,11 +175,14 @@ _BIBLE = re.compile(r"bible_([a-z]{2})_([a-z]{2})")
 
 def corpus_kind(spec: str) -> str:
     """What a `data.corpus` spec trains, read from the spec alone (no file is opened): 'lm'
-    (documents, for a GPT) or 'translation' (pairs, for an encoder-decoder). DataError for a
-    spec that names no corpus."""
+    (documents, for a GPT), 'chat' (conversations or prompt/completion pairs whose answers a
+    GPT learns) or 'translation' (pairs, for an encoder-decoder). DataError for a spec that
+    names no corpus."""
     kind, _, pattern = spec.partition(":")
     if spec == "shakespeare" or (kind in FILE_FORMATS and pattern):
         return "lm"
+    if kind in EXAMPLE_KINDS and pattern:
+        return "chat"
     if _BIBLE.fullmatch(spec) or (kind == "tsv" and pattern):
         return "translation"
     langs = ", ".join(sorted(bundled.BIBLE_TRANSLATIONS))
@@ -201,7 +212,7 @@ def load_corpus(
         return _shakespeare_corpus()
     if bible := _BIBLE.fullmatch(spec):
         return _bible_corpus(spec, bible.group(1), bible.group(2), cache_dir)
-    if kind in FILE_FORMATS:
+    if kind in (*FILE_FORMATS, *EXAMPLE_KINDS):
         return _file_corpus(spec, text_field, eval_corpus, int(shard_mb * 2**20))
     eval_pattern = eval_corpus.partition(":")[2]  # tsv: translation pairs
     paths = expand_files(pattern) + (expand_files(eval_pattern) if eval_pattern else [])

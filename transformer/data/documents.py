@@ -13,6 +13,9 @@ Formats, by the `data.corpus` prefix:
 - `parquet:GLOB`: one document per row of the string column `data.text_field` (needs `pyarrow`).
 - `hf:DIR`: a Hugging Face dataset written by `save_to_disk` (needs `pyarrow`, not `datasets`);
   a `DatasetDict` gives its `train` split and holds out its `validation` (else `test`) split.
+- `chat:GLOB`, `instruct:GLOB`: one example per record (`{"messages": [...]}`, or
+  `{"prompt", "completion"}`; `transformer.data.chat`) of JSON lines, parquet files (by their
+  suffix) or a `save_to_disk` directory (`chat:DIR` or `chat:hf:DIR`).
 
 Text and JSON lines may be compressed (`.gz`, `.zst`; the latter needs `zstandard`). Held-out
 data is the last ~10% of the files, or with a single file its last ~10% of documents (of bytes
@@ -23,22 +26,29 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import glob
-import gzip
-import io
 import json
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from transformer.data.records import (
+    PIECE_BYTES,
+    Record,
+    count_records,
+    expand_files,
+    not_utf8,
+    open_binary,
+    read_records,
+    skip_bytes,
+)
 from transformer.data.tokenizer import text_pieces
 from transformer.errors import DataError
 
 VALIDATION_FRACTION = 0.1  # of files, or of documents (bytes for text) when there is one file
-PIECE_BYTES = 1 << 20  # text is handed on in pieces of about this size, cut at line ends
 FILE_FORMATS = ("text", "jsonl", "parquet", "hf")
+EXAMPLE_KINDS = ("chat", "instruct")  # records to learn answers from, in any of those containers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +74,25 @@ class Unit:
     split: str
     sources: tuple[Source, ...]
     text_field: str = "text"
+    kind: str = "text"  # text: documents as text pieces; chat | instruct: records (`examples`)
 
     def pieces(self) -> Iterator[Piece]:
         for source in self.sources:
             yield from read_pieces(source, self.text_field)
 
+    def examples(self) -> Iterator[Record]:
+        """(where, record) of every record of the sources, in order."""
+        for source in self.sources:
+            records = read_records(source.path, source.fmt, None)
+            for i, record in enumerate(records):
+                if source.stop is not None and i >= source.stop:
+                    break
+                if i >= source.start:
+                    yield record
+
     def describe(self) -> dict[str, Any]:
-        return {"split": self.split, "sources": [s.to_json() for s in self.sources]}
+        described = {"split": self.split, "sources": [s.to_json() for s in self.sources]}
+        return described if self.kind == "text" else {**described, "kind": self.kind}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,61 +116,13 @@ def _document_pieces(text: str) -> Iterator[Piece]:
         yield piece, i == len(pieces) - 1
 
 
-# ---------------------------------------------------------------------------- opening files
-def expand_files(pattern: str) -> list[Path]:
-    """Files matching a path or glob (`**` recursive), sorted; DataError if there are none."""
-    pattern = os.path.expanduser(pattern)
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise DataError(f"no file matches {pattern!r}; check the path or glob in data.corpus.")
-    return paths
-
-
-def open_binary(path: str | os.PathLike) -> IO[bytes]:
-    """The file's bytes, decompressed when its name ends in `.gz` or `.zst`."""
-    name = str(path)
-    if name.endswith(".gz"):
-        return gzip.open(name, "rb")
-    if name.endswith(".zst"):
-        zstandard = _optional("zstandard", name)
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(name, "rb")))
-    return open(name, "rb")
-
-
-def _optional(module: str, path: str) -> Any:
-    try:
-        return __import__(module)
-    except ImportError:
-        raise DataError(
-            f"reading {path} needs the {module} package; pip install {module} (or the "
-            "project's `data` extra: pip install -e '.[data]')."
-        ) from None
-
-
-def _not_utf8(path: str | os.PathLike, offset: int) -> DataError:
-    return DataError(
-        f"{path} is not UTF-8 (undecodable byte at offset {offset}); convert it, e.g. "
-        "`iconv -f latin1 -t utf-8`, or leave it out of data.corpus."
-    )
-
-
-def read_text_file(path: str | os.PathLike) -> str:
-    """All the UTF-8 text of a small file (a leading BOM dropped); DataError naming the file."""
-    with open_binary(path) as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e.start) from None
-
-
 # ---------------------------------------------------------------------------- readers
 def read_pieces(source: Source, text_field: str = "text") -> Iterator[Piece]:
     """The source's documents as pieces of at most about `PIECE_BYTES`, cut at line ends."""
     if source.fmt == "text":
         yield from _text_pieces(source)
         return
-    for i, text in enumerate(_records(source, text_field)):
+    for i, (_, text) in enumerate(read_records(source.path, source.fmt, text_field)):
         if source.stop is not None and i >= source.stop:
             return
         if i >= source.start:
@@ -161,7 +135,7 @@ def _text_pieces(source: Source) -> Iterator[Piece]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     end = math.inf if source.stop is None else source.stop
     with open_binary(source.path) as f:
-        _skip(f, source.start)
+        skip_bytes(f, source.start)
         offset, pending = source.start, None
         while offset < end:
             raw = f.read(int(min(PIECE_BYTES, end - offset)))
@@ -172,7 +146,7 @@ def _text_pieces(source: Source) -> Iterator[Piece]:
             try:
                 text = decoder.decode(raw)
             except UnicodeDecodeError as e:
-                raise _not_utf8(source.path, offset + e.start) from None
+                raise not_utf8(source.path, offset + e.start) from None
             if offset == 0:
                 text = text.removeprefix("\ufeff")
             offset += len(raw)
@@ -182,99 +156,18 @@ def _text_pieces(source: Source) -> Iterator[Piece]:
     try:
         tail = decoder.decode(b"", final=True)
     except UnicodeDecodeError:  # a character cut off at the end of the file
-        raise _not_utf8(source.path, offset - 1) from None
+        raise not_utf8(source.path, offset - 1) from None
     yield (pending or "") + tail, True
 
 
-def _skip(f: IO[bytes], count: int) -> None:
-    if count and f.seekable():
-        f.seek(count)
-        return
-    while count > 0:  # compressed: read through
-        count -= len(f.read(min(count, PIECE_BYTES)))
-
-
-def _jsonl_records(path: str, text_field: str) -> Iterator[str]:
-    with open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                raise DataError(
-                    f"{path}:{lineno} is not valid JSON ({reason}); fix the line."
-                ) from None
-            value = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}:{lineno} has no string field {text_field!r}; set data.text_field "
-                    "to the field holding the text."
-                )
-            yield value
-
-
-def _column_records(batches: Iterator[Any], path: str, text_field: str) -> Iterator[str]:
-    row = 0
-    for batch in batches:
-        if text_field not in batch.schema.names:
-            raise DataError(
-                f"{path} has no column {text_field!r} (it has {', '.join(batch.schema.names)}); "
-                "set data.text_field to the column holding the text."
-            )
-        for value in batch.column(text_field).to_pylist():
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path} row {row}: {text_field!r} is {type(value).__name__}, not text; "
-                    "drop such rows or set data.text_field to a string column."
-                )
-            row += 1
-            yield value
-
-
-def _parquet_records(path: str, text_field: str) -> Iterator[str]:
-    _optional("pyarrow", path)
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own ArrowInvalid family
-        raise DataError(f"{path} is not a readable parquet file ({e}); fix or remove it.") from None
-    with parquet:
-        columns = [text_field] if text_field in parquet.schema_arrow.names else None
-        yield from _column_records(parquet.iter_batches(1024, columns=columns), path, text_field)
-
-
-def _arrow_records(path: str, text_field: str) -> Iterator[str]:
-    pa = _optional("pyarrow", path)
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(path))
-    except Exception as e:
-        raise DataError(f"{path} is not a readable Arrow stream ({e}); fix or remove it.") from None
-    yield from _column_records(iter(reader), path, text_field)
-
-
-_RECORD_READERS = {"jsonl": _jsonl_records, "parquet": _parquet_records, "arrow": _arrow_records}
-
-
-def _records(source: Source, text_field: str) -> Iterator[str]:
-    return _RECORD_READERS[source.fmt](source.path, text_field)
-
-
-def count_documents(source: Source, text_field: str = "text") -> int:
+def count_documents(source: Source) -> int:
     """Documents in a whole file (bytes for `text`): what a single-file split divides."""
     if source.fmt == "text":
         if not source.path.endswith((".gz", ".zst")):
             return os.path.getsize(source.path)
         with open_binary(source.path) as f:
             return sum(len(b) for b in iter(lambda: f.read(PIECE_BYTES), b""))
-    if source.fmt == "parquet":
-        _optional("pyarrow", source.path)
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(source.path).metadata.num_rows
-    return sum(1 for _ in _records(source, text_field))
+    return count_records(source.path, source.fmt)
 
 
 def _text_cut(path: str, size: int) -> int:
@@ -283,7 +176,7 @@ def _text_cut(path: str, size: int) -> int:
     low, high = int(size * (1 - 2 * VALIDATION_FRACTION)), int(size * (1 - VALIDATION_FRACTION))
     cut, offset = high, 0
     with open_binary(path) as f:
-        _skip(f, low)
+        skip_bytes(f, low)
         offset = low
         while offset < high:
             raw = f.read(min(PIECE_BYTES, high - offset))
@@ -325,9 +218,28 @@ def _hf_files(pattern: str) -> dict[str, list[Path]]:
     return {"": dataset_files(directory)}
 
 
+def _container(spec: str) -> tuple[str, str]:
+    """(container, pattern) of a file corpus spec: `chat:` and `instruct:` records come from
+    JSON lines, parquet files or a `save_to_disk` directory (`chat:DIR` or `chat:hf:DIR`), told
+    apart by the path."""
+    kind, _, pattern = spec.partition(":")
+    if kind not in EXAMPLE_KINDS:
+        return kind, pattern
+    if pattern.startswith("hf:"):
+        return "hf", pattern.removeprefix("hf:")
+    if os.path.isdir(os.path.expanduser(pattern)):
+        return "hf", pattern
+    return "records", pattern
+
+
 def _sources(spec: str, text_field: str) -> tuple[list[Source], list[Source] | None]:
     """(sources, held-out sources the corpus names itself, e.g. a DatasetDict's validation)."""
-    kind, _, pattern = spec.partition(":")
+    kind, pattern = _container(spec)
+    if kind == "records":
+        files = expand_files(pattern)
+        return [
+            Source(str(p), "parquet" if p.suffix == ".parquet" else "jsonl") for p in files
+        ], None
     if kind == "hf":
         files = _hf_files(pattern)
         if "" in files:
@@ -342,7 +254,7 @@ def _sources(spec: str, text_field: str) -> tuple[list[Source], list[Source] | N
 
 def input_files(spec: str) -> list[Path]:
     """Every file a file corpus spec reads (for its fingerprint)."""
-    kind, _, pattern = spec.partition(":")
+    kind, pattern = _container(spec)
     if kind == "hf":
         return [p for files in _hf_files(pattern).values() for p in files]
     return expand_files(pattern)
@@ -362,7 +274,7 @@ def plan_splits(
         k = holdout_count(len(sources))
         return {"train": sources[:-k], "validation": sources[-k:]}
     (source,) = sources
-    n = count_documents(source, text_field)
+    n = count_documents(source)
     if source.fmt == "text":
         if n == 0:
             raise DataError(f"corpus {spec!r} is empty; point data.corpus at non-empty files.")
@@ -380,17 +292,19 @@ def plan_splits(
     }
 
 
-def group_units(split: str, sources: list[Source], text_field: str, unit_bytes: int) -> list[Unit]:
+def group_units(
+    split: str, sources: list[Source], text_field: str, unit_bytes: int, kind: str = "text"
+) -> list[Unit]:
     """Consecutive sources in units of about `unit_bytes` of input (file sizes on disk)."""
     units, group, size = [], [], 0
     for source in sources:
         group.append(source)
         size += _source_bytes(source)
         if size >= unit_bytes:
-            units.append(Unit(split, tuple(group), text_field))
+            units.append(Unit(split, tuple(group), text_field, kind))
             group, size = [], 0
     if group or not units:
-        units.append(Unit(split, tuple(group), text_field))
+        units.append(Unit(split, tuple(group), text_field, kind))
     return units
 
 

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,19 @@ import grain
 import numpy as np
 
 from transformer.data.batching import global_rows, iterator, local_batch_size, shuffled_batches
+from transformer.data.chat import ChatFormat, ChatRenderer, ExampleEncoder
 from transformer.data.config import DataConfig
 from transformer.data.corpora import Corpus, load_corpus
+from transformer.data.examples import Examples, examples_eval_dataset, examples_train_dataset
 from transformer.data.pairs import PairTokens, translation_eval_dataset, translation_train_dataset
-from transformer.data.shards import PrepareReport, TokenShards, prepare_shards, prepared_dir
+from transformer.data.run_tokenizer import resolve_tokenizer
+from transformer.data.shards import (
+    PrepareReport,
+    TokenShards,
+    open_examples,
+    prepare_shards,
+    prepared_dir,
+)
 from transformer.data.token_cache import pair_tokens
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import DataError
@@ -135,61 +145,13 @@ class Data:
     train_iter: grain.DatasetIterator  # infinite, checkpointable, this process's rows
     eval_dataset: grain.MapDataset  # finite, batched, this process's rows
     eval_pairs: list[tuple[str, str]] | None = None  # raw validation (src, tgt), translation only
+    chat: ChatFormat | None = None  # chat and instruct corpora: how conversations render
+    skipped_records: int = 0  # bad records skipped (data.skip_bad_records)
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the validation batches, the first `max_batches` if given."""
         ds = self.eval_dataset if max_batches is None else self.eval_dataset[:max_batches]
         return iterator(ds)
-
-
-def _sample_texts(units: list, limit_chars: int) -> Iterator[str]:
-    """The first `limit_chars` characters of the units' text, piece by piece."""
-    seen = 0
-    for unit in units:
-        for piece, _ in unit.pieces():
-            if seen >= limit_chars:
-                return
-            seen += len(piece)
-            yield piece
-
-
-def _training_texts(data_cfg: DataConfig, corpus: Corpus, units: dict | None) -> Iterable[str]:
-    """What a char or BPE tokenizer learns from: the first `data.tokenizer_sample_mb` of the
-    training text of a language-model corpus; every pair of a translation corpus's train split."""
-    if units is not None:
-        return _sample_texts(units["train"], int(data_cfg.tokenizer_sample_mb * 2**20))
-    return [text for pair in corpus.splits["train"] for text in pair]
-
-
-def _resolve_tokenizer(
-    data_cfg: DataConfig, corpus: Corpus, units: dict | None, saved: Path | None
-) -> Tokenizer:
-    """The tokenizer at `saved` if there is one, else GPT-2's, a pretrained model's or one
-    trained on the training text (then written to `saved`)."""
-    kind = data_cfg.tokenizer
-    if saved is not None and saved.is_file():
-        tokenizer = Tokenizer.load(saved)
-        # A pretrained tokenizer.json may be GPT-2's own: data.tokenizer=hf accepts it too.
-        if tokenizer.kind != kind and not (kind == "hf" and tokenizer.kind == "gpt2"):
-            raise DataError(
-                f"{saved} is a {tokenizer.kind} tokenizer but data.tokenizer={kind!r}; use a "
-                "new workdir or the matching data.tokenizer."
-            )
-        return tokenizer
-    if kind == "char":
-        tokenizer = Tokenizer.train_char(_training_texts(data_cfg, corpus, units))
-    elif kind == "bpe":
-        tokenizer = Tokenizer.train_bpe(
-            _training_texts(data_cfg, corpus, units), data_cfg.vocab_size
-        )
-    elif kind == "gpt2":
-        directory = Path(data_cfg.gpt2_vocab).expanduser()
-        tokenizer = Tokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
-    else:  # hf (DataConfig allows no other): a pretrained model's own tokenizer.json
-        tokenizer = Tokenizer.load(Path(data_cfg.tokenizer_path).expanduser())
-    if saved is not None:
-        tokenizer.save(saved)
-    return tokenizer
 
 
 @dataclasses.dataclass
@@ -199,7 +161,8 @@ class Prepared:
     corpus: Corpus
     tokenizer: Tokenizer
     cache_dir: Path
-    report: PrepareReport | None = None  # language models: what `prepare` did
+    report: PrepareReport | None = None  # language models and chat: what `prepare` did
+    chat: ChatFormat | None = None  # chat and instruct corpora: how conversations render
 
 
 def open_corpus(data_cfg: DataConfig) -> Corpus:
@@ -242,9 +205,9 @@ def prepare_corpus(
     data_cfg = DataConfig.from_any(data_cfg)
     cache_dir = data_cfg.cache_path
     corpus = open_corpus(data_cfg)
-    units = corpus.units() if corpus.kind == "lm" else None
+    units = corpus.units() if corpus.kind in ("lm", "chat") else None
     saved = Path(tokenizer_path) if tokenizer_path else None
-    tokenizer = _resolve_tokenizer(data_cfg, corpus, units, saved)
+    tokenizer, chat = resolve_tokenizer(data_cfg, corpus, units, saved)
     if units is None:
         if num_shards != 1:
             raise DataError(
@@ -253,11 +216,30 @@ def prepare_corpus(
         for split in ("train", "validation"):
             pair_tokens(corpus, split, tokenizer, cache_dir)
         return Prepared(corpus, tokenizer, cache_dir)
-    directory = prepared_dir(cache_dir, corpus.name, corpus.fingerprint, tokenizer)
+    extra, encode = {}, None
+    if chat is not None:  # the shards depend on the format and where a row ends too
+        extra = {
+            "chat": json.loads(chat.to_json()),
+            "max_tokens": data_cfg.seq_len + 1,
+            "skip_bad_records": data_cfg.skip_bad_records,
+        }
+        renderer = ChatRenderer(chat)
+        encode = ExampleEncoder(
+            renderer, tokenizer, data_cfg.seq_len + 1, data_cfg.skip_bad_records
+        )
+    fingerprint = corpus.fingerprint + (json.dumps(extra, sort_keys=True) if extra else "")
+    directory = prepared_dir(cache_dir, corpus.name, fingerprint, tokenizer)
     report = prepare_shards(
-        units, tokenizer, directory, shard=shard, num_shards=num_shards, log=log
+        units,
+        tokenizer,
+        directory,
+        shard=shard,
+        num_shards=num_shards,
+        log=log,
+        encode_example=encode,
+        plan_extra=extra,
     )
-    return Prepared(corpus, tokenizer, cache_dir, report)
+    return Prepared(corpus, tokenizer, cache_dir, report, chat)
 
 
 def make_data(
@@ -284,6 +266,8 @@ def make_data(
     prepared = prepare_corpus(data_cfg, tokenizer_path=tokenizer_path, log=_log.info)
     corpus, tokenizer = prepared.corpus, prepared.tokenizer
     shard = dict(process_index=process_index, process_count=process_count)
+    if prepared.chat is not None:
+        return _example_data(prepared, data_cfg, global_batch_size, seed, shard)
     if prepared.report is not None:
         directory = prepared.report.directory
         train = lm_train_dataset(
@@ -318,3 +302,35 @@ def make_data(
         split_pairs("validation"), global_batch_size=global_batch_size, **shard
     )
     return Data("translation", tokenizer, iterator(train), evaluation, corpus.splits["validation"])
+
+
+def _example_data(
+    prepared: Prepared, data_cfg: DataConfig, global_batch_size: int, seed: int, shard: dict
+) -> Data:
+    """The batches of a chat or instruct corpus (`transformer.data.examples`)."""
+    directory, tokenizer = prepared.report.directory, prepared.tokenizer
+
+    def split_examples(split: str) -> tuple[Examples, int]:
+        ids, masks, ends, skipped = open_examples(directory, split, tokenizer=tokenizer)
+        return Examples(ids, masks, ends, data_cfg.seq_len + 1), skipped
+
+    (train_examples, skipped_train), (eval_examples, skipped_eval) = (
+        split_examples("train"),
+        split_examples("validation"),
+    )
+    if skipped_train + skipped_eval:
+        _log.info("skipped %d bad records (data.skip_bad_records)", skipped_train + skipped_eval)
+    train = examples_train_dataset(
+        train_examples, global_batch_size=global_batch_size, seed=seed, pack=data_cfg.pack, **shard
+    )
+    evaluation = examples_eval_dataset(
+        eval_examples, global_batch_size=global_batch_size, pack=data_cfg.pack, **shard
+    )
+    return Data(
+        "chat",
+        tokenizer,
+        iterator(train),
+        evaluation,
+        chat=prepared.chat,
+        skipped_records=skipped_train + skipped_eval,
+    )

@@ -80,8 +80,9 @@ class PrepareReport:
     units_total: int  # in the plan, all shards together
     units_missing: list[str]  # still without a .json (other shards' work) after this call
     tokens: int  # written by this call
-    chars: int  # of text read by this call
+    chars: int  # of text read by this call (documents; 0 for records)
     seconds: float
+    skipped_records: int = 0  # bad records skipped by this call (data.skip_bad_records)
 
     def summary(self) -> str:
         rate = self.chars / max(self.seconds, 1e-9) / 1e6
@@ -91,9 +92,12 @@ class PrepareReport:
             if self.units_missing
             else f"; all {self.units_total} units complete"
         )
+        skipped = f", {self.skipped_records} bad records skipped" if self.skipped_records else ""
+        read = f" from {self.chars / 1e6:.1f} M characters" if self.chars else ""
+        speed = f" ({rate:.2f} M chars/s)" if self.chars else ""
         return (
-            f"{self.directory}: {done}{left}. {self.tokens:,} tokens from {self.chars / 1e6:.1f} "
-            f"M characters in {self.seconds:.1f} s ({rate:.2f} M chars/s)."
+            f"{self.directory}: {done}{left}. {self.tokens:,} tokens{read}{skipped} in "
+            f"{self.seconds:.1f} s{speed}."
         )
 
 
@@ -105,20 +109,24 @@ def prepare_shards(
     shard: int = 0,
     num_shards: int = 1,
     log: Callable[[str], None] | None = None,
+    encode_example: EncodeExample | None = None,
+    plan_extra: dict[str, Any] | None = None,
 ) -> PrepareReport:
     """Tokenises this shard's units that are not complete yet into `directory`.
 
     `units` maps 'train' and 'validation' to the corpus's units; every run that prepares the
     directory must pass the same units and tokenizer (the plan and tokenizer already there are
-    checked against them).
+    checked against them). Units of records (chat, instruct) are turned into ids and a loss
+    mask by `encode_example(where, record, kind)`, which returns None for a record to skip;
+    `plan_extra` records in the plan what else the shards depend on (the chat format).
     """
     if not 0 <= shard < num_shards:
         raise DataError(f"--shard={shard} must be in [0, --num_shards={num_shards}).")
     start = time.perf_counter()
     named = _unit_names(units)
-    _write_or_check(directory / PLAN, _plan_text(named, tokenizer))
+    _write_or_check(directory / PLAN, _plan_text(named, tokenizer, plan_extra))
     _write_or_check(directory / TOKENIZER, tokenizer.to_json())
-    done = skipped = tokens = chars = 0
+    done = skipped = tokens = chars = skipped_records = 0
     for i, (name, unit) in enumerate(named):
         if i % num_shards != shard:
             continue
@@ -127,20 +135,29 @@ def prepare_shards(
             continue
         if log:
             log(f"preparing {name} ({i + 1} of {len(named)})")
-        written = _prepare_unit(unit, tokenizer, directory, name)
+        if getattr(unit, "kind", "text") == "text":
+            written = _prepare_unit(unit, tokenizer, directory, name)
+        else:
+            written = _prepare_examples(unit, tokenizer, directory, name, encode_example)
         done, tokens, chars = done + 1, tokens + written["tokens"], chars + written["chars"]
+        skipped_records += written.get("skipped", 0)
     missing = [name for name, _ in named if not _complete(directory, name)]
     seconds = time.perf_counter() - start
-    return PrepareReport(directory, done, skipped, len(named), missing, tokens, chars, seconds)
+    return PrepareReport(
+        directory, done, skipped, len(named), missing, tokens, chars, seconds, skipped_records
+    )
 
 
-def _plan_text(named: list[tuple[str, AnyUnit]], tokenizer: Tokenizer) -> str:
+def _plan_text(
+    named: list[tuple[str, AnyUnit]], tokenizer: Tokenizer, extra: dict[str, Any] | None
+) -> str:
     plan = {
         "format": FORMAT,
         "tokenizer_sha256": _sha256(tokenizer.to_json()),
         "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
         "eos_id": tokenizer.eos_id,
         "units": {name: unit.describe() for name, unit in named},
+        **(extra or {}),
     }
     return json.dumps(plan, indent=1) + "\n"
 
@@ -226,6 +243,52 @@ def _prepare_unit(unit: AnyUnit, tokenizer: Tokenizer, directory: Path, name: st
     return {"tokens": tokens, "chars": chars}
 
 
+# Records -> (ids, loss mask) or None to skip; see `transformer.data.chat.ExampleEncoder`.
+EncodeExample = Callable[[str, Any, str], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+def _prepare_examples(
+    unit: Unit, tokenizer: Tokenizer, directory: Path, name: str, encode: EncodeExample | None
+) -> dict:
+    """A unit of records as ids (`.bin`), a loss mask of one byte per id (`.mask.bin`) and the
+    end of each example (`.docs.bin`); the `.json` record, written last, counts skipped ones."""
+    if encode is None:
+        raise ValueError(f"unit {name} holds {unit.kind} records: pass encode_example")
+    dtype = token_dtype(tokenizer.vocab_size)
+    ids_sha, mask_sha = hashlib.sha256(), hashlib.sha256()
+    ends: list[int] = []
+    tokens = skipped = 0
+    with (
+        atomic_output(directory / f"{name}.bin") as ids_tmp,
+        atomic_output(directory / f"{name}.mask.bin") as mask_tmp,
+        open(ids_tmp, "wb") as ids_file,
+        open(mask_tmp, "wb") as mask_file,
+    ):
+        for where, record in _prefetched(unit.examples()):
+            encoded = encode(where, record, unit.kind)
+            if encoded is None:
+                skipped += 1
+                continue
+            ids, mask = encoded[0].astype(dtype), encoded[1].astype(np.uint8)
+            ids_file.write(ids.tobytes())
+            mask_file.write(mask.tobytes())
+            ids_sha.update(ids)
+            mask_sha.update(mask)
+            tokens += len(ids)
+            ends.append(tokens)
+    with atomic_output(directory / f"{name}.docs.bin") as tmp:
+        np.array(ends, "<u8").tofile(tmp)
+    record = {
+        "tokens": tokens,
+        "documents": len(ends),
+        "sha256": ids_sha.hexdigest(),
+        "mask_sha256": mask_sha.hexdigest(),
+        "skipped": skipped,
+    }
+    write_text_atomic(directory / f"{name}.json", json.dumps(record) + "\n")
+    return {"tokens": tokens, "chars": 0, "skipped": skipped}
+
+
 # ---------------------------------------------------------------------------- reading
 class TokenShards:
     """A split's ids: its units' `.bin` files memory-mapped and concatenated in plan order.
@@ -273,35 +336,72 @@ class TokenShards:
         """The split of a prepared directory. DataError when a unit is missing or damaged, or
         when `tokenizer` is not the one the directory was prepared with; `verify` also checks
         every unit's sha256 (reads each file once)."""
-        directory = Path(directory)
-        plan_path = directory / PLAN
-        if not plan_path.is_file():
-            raise DataError(
-                f"{directory} holds no prepared tokens ({PLAN} is missing); run "
-                "`python -m transformer.prepare` with the run's config first."
-            )
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        if plan.get("format") != FORMAT:
-            raise DataError(
-                f"{directory} was prepared in format {plan.get('format')}, this version reads "
-                f"{FORMAT}; prepare the corpus again."
-            )
-        if tokenizer is not None and _sha256(tokenizer.to_json()) != plan["tokenizer_sha256"]:
-            raise DataError(
-                f"{directory} was tokenised with another tokenizer than this run's; use its "
-                f"{TOKENIZER} (a fresh workdir adopts it) or prepare the corpus again."
-            )
+        plan = _read_plan(Path(directory), tokenizer)
         dtype = np.dtype(plan["dtype"])
         arrays, counts = [], []
         for name in (n for n in plan["units"] if n.startswith(f"{split}-")):
-            array, documents = _open_unit(directory, name, dtype, verify)
+            array, record = _open_unit(Path(directory), name, dtype, verify)
             arrays.append(array)
-            counts.append(documents)
+            counts.append(record["documents"])
         return cls(arrays, counts)
 
 
-def _open_unit(directory: Path, name: str, dtype: np.dtype, verify: bool) -> tuple[Any, int]:
-    record_path, path = directory / f"{name}.json", directory / f"{name}.bin"
+def _read_plan(directory: Path, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """The plan of a prepared directory, checked against this version and `tokenizer`."""
+    plan_path = directory / PLAN
+    if not plan_path.is_file():
+        raise DataError(
+            f"{directory} holds no prepared tokens ({PLAN} is missing); run "
+            "`python -m transformer.prepare` with the run's config first."
+        )
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    if plan.get("format") != FORMAT:
+        raise DataError(
+            f"{directory} was prepared in format {plan.get('format')}, this version reads "
+            f"{FORMAT}; prepare the corpus again."
+        )
+    if tokenizer is not None and _sha256(tokenizer.to_json()) != plan["tokenizer_sha256"]:
+        raise DataError(
+            f"{directory} was tokenised with another tokenizer than this run's; use its "
+            f"{TOKENIZER} (a fresh workdir adopts it) or prepare the corpus again."
+        )
+    return plan
+
+
+def open_examples(
+    directory: str | Path, split: str, *, tokenizer: Tokenizer | None = None, verify: bool = True
+) -> tuple[TokenShards, TokenShards, np.ndarray, int]:
+    """(ids, loss masks, the end of every example in the split's flat ids, records skipped) of
+    a split of records (chat, instruct) prepared by `prepare_shards`."""
+    directory = Path(directory)
+    plan = _read_plan(directory, tokenizer)
+    dtype = np.dtype(plan["dtype"])
+    ids, masks, ends, counts, skipped, offset = [], [], [], [], 0, 0
+    for name in (n for n in plan["units"] if n.startswith(f"{split}-")):
+        array, record = _open_unit(directory, name, dtype, verify)
+        mask, _ = _open_unit(directory, name, np.dtype(np.uint8), verify, ".mask.bin", "mask_")
+        unit_ends = np.fromfile(directory / f"{name}.docs.bin", "<u8").astype(np.int64)
+        ids.append(array)
+        masks.append(mask)
+        ends.append(offset + unit_ends)
+        counts.append(record["documents"])
+        skipped += record.get("skipped", 0)
+        offset += len(array)
+    flat_ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+    return TokenShards(ids, counts), TokenShards(masks, counts), flat_ends, skipped
+
+
+def _open_unit(
+    directory: Path,
+    name: str,
+    dtype: np.dtype,
+    verify: bool,
+    suffix: str = ".bin",
+    checksum: str = "",
+) -> tuple[Any, dict[str, Any]]:
+    """A unit's file `NAME{suffix}` memory-mapped, and its `.json` record; the size and the
+    checksum (`{checksum}sha256` in the record) are checked."""
+    record_path, path = directory / f"{name}.json", directory / f"{name}{suffix}"
     if not record_path.is_file():
         raise DataError(
             f"{record_path} is missing: unit {name} is not prepared yet; finish every "
@@ -315,11 +415,11 @@ def _open_unit(directory: Path, name: str, dtype: np.dtype, verify: bool) -> tup
             f"the shard is damaged: delete {record_path} and rerun the same prepare command."
         )
     if record["tokens"] == 0:
-        return np.zeros(0, dtype), record["documents"]
+        return np.zeros(0, dtype), record
     array = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r")
-    if verify and hashlib.sha256(array).hexdigest() != record["sha256"]:
+    if verify and hashlib.sha256(array).hexdigest() != record[f"{checksum}sha256"]:
         raise DataError(
             f"{path} does not match its checksum in {record_path.name}; the shard is damaged: "
             f"delete {record_path} and rerun the same prepare command."
         )
-    return array, record["documents"]
+    return array, record

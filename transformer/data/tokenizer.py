@@ -218,6 +218,19 @@ class Tokenizer:
         """Token ids of `text`, without BOS/EOS."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_rendered(self, text: str) -> tokenizers.Encoding:
+        """The encoding (ids and character offsets) of text a chat template rendered: special
+        tokens in it ARE special, as `apply_chat_template` tokenises; no BOS/EOS added."""
+        self.hf.encode_special_tokens = False
+        try:
+            return self.hf.encode(text, add_special_tokens=False)
+        finally:
+            self.hf.encode_special_tokens = True
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        """Adds `tokens` (e.g. a chat template's markers) as special tokens with new ids."""
+        self.hf.add_special_tokens(tokens)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` over many texts, in parallel on all cores."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]

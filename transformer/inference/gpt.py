@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.data.chat import ChatFormat, ChatRenderer
 from transformer.errors import ConfigError
 from transformer.inference.decode import sample_tokens, until_eos
 from transformer.model.config import ModelConfig
@@ -135,15 +136,60 @@ def generate(
         raise ConfigError("generate() needs a GPT run; use translate() for an encoder-decoder")
     start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
     contexts = [tokenizer.encode(p) or [start] for p in prompts]
+    eos = tokenizer.eos_id if stop_at_eos else None
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    generated = generate_ids(cfg, params, contexts, max_new_tokens, eos_id=eos, **sampling)
+    return [tokenizer.decode(ids) for ids in generated]
+
+
+def reply(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    chat: ChatFormat,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """The assistant's next turn in each conversation (lists of {"role", "content"}),
+    rendered with the run's chat format; generation stops at the end-of-turn token."""
+    if not cfg.is_decoder_only:
+        raise ConfigError("reply() needs a GPT run")
+    renderer = ChatRenderer(chat)
+    contexts = [renderer.prompt_ids(tokenizer, messages) for messages in conversations]
+    end = tokenizer.hf.token_to_id(chat.end_of_turn)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    generated = generate_ids(cfg, params, contexts, max_new_tokens, eos_id=end, **sampling)
+    return [tokenizer.decode(ids) for ids in generated]
+
+
+def generate_ids(
+    cfg: ModelConfig,
+    params: Any,
+    contexts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Up to `max_new_tokens` new ids after each context, each row stopping after `eos_id` (not
+    included); see `generate` for how a context longer than the model's slides."""
+    contexts = [list(ids) for ids in contexts]
     longest = max(len(ids) for ids in contexts)
     if longest >= cfg.max_len:
         raise ConfigError(
             f"the prompt ({longest} tokens) leaves no room in the model's context of "
             f"{cfg.max_len} tokens; shorten it to fewer than {cfg.max_len} tokens"
         )
-    eos = tokenizer.eos_id if stop_at_eos else None
     sampling = dict(
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id
     )
     generated: list[list[int]] = [[] for _ in contexts]
     finished = [max_new_tokens <= 0] * len(contexts)
@@ -157,22 +203,21 @@ def generate(
         # After the first window, always the same size: one compiled loop for all of them.
         steps = min(remaining, cfg.max_len - longest) if window == 0 else cfg.max_len - longest
         window_key = key if window == 0 else jax.random.fold_in(key, window)
-        out = _continue(cfg, params, tokenizer, contexts, steps, window_key, **sampling)
+        out = _continue(cfg, params, contexts, steps, window_key, **sampling)
         for row, ids in enumerate(out):
             if finished[row]:
                 continue
-            new = until_eos(ids, eos)
+            new = until_eos(ids, eos_id)
             generated[row] += new[: max_new_tokens - len(generated[row])]
             finished[row] = len(new) < len(ids) or len(generated[row]) >= max_new_tokens
             contexts[row] = (contexts[row] + new)[-(cfg.max_len // 2) :]
         window += 1
-    return [tokenizer.decode(ids) for ids in generated]
+    return generated
 
 
 def _continue(
     cfg: ModelConfig,
     params: Any,
-    tokenizer: Any,
     contexts: list[list[int]],
     steps: int,
     key: Array,

@@ -2,6 +2,7 @@
 
     DIR/config.json        the resolved run config (model.vocab_size filled in)
     DIR/tokenizer.json     the tokenizer the run trained or was given
+    DIR/chat.json          a chat run's format: template, tokens, end of turn (data.chat)
     DIR/checkpoints/       Orbax checkpoints, one directory per step (transformer.store.checkpoint)
     DIR/metrics.jsonl      one JSON object per logged step
     DIR/events.out.tfevents.*   TensorBoard
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from transformer.data.chat import CHAT_FILE, ChatFormat
 from transformer.data.tokenizer import TOKENIZER, Tokenizer
 from transformer.errors import CheckpointError, ConfigError
 from transformer.files import write_text_atomic
@@ -116,6 +118,11 @@ class RunDir:
 
     def load_tokenizer(self) -> Any:
         return Tokenizer.load(self.tokenizer_path)
+
+    def load_chat(self) -> ChatFormat | None:
+        """The run's chat format; None for a run that did not train on conversations."""
+        path = self.path / CHAT_FILE
+        return ChatFormat.load(path) if path.is_file() else None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

@@ -6,7 +6,8 @@ that turns a batch into `(logits, targets, weights)`, and what is shown and meas
 of a run. The trainer, the loss and the steps never ask which model they have; `task_for` is the
 one place that does.
 
-  LanguageModelTask  GPT: batch `tokens` [b, t + 1] (and `mask` [b, t] when evaluating);
+  LanguageModelTask  GPT: batch `tokens` [b, t + 1] (and `mask` [b, t] when evaluating, and
+                     for examples with answers also `segment_ids` and `positions`);
                      predict token i + 1 from tokens <= i. At the end: a sample of text.
   TranslationTask    encoder-decoder: batch `src`, `tgt_in`, `tgt_out`, segment ids and
                      positions, all [b, t]. At the end: BLEU of held-out pairs and examples.
@@ -123,8 +124,14 @@ class LanguageModelTask(Task):
     def forward(self, params, batch, *, rng=None, hidden=False):
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = self.model.apply({"params": params}, inputs, return_hidden=hidden, **_dropout(rng))
-        # Evaluation batches mark the rows that pad out the last batch with mask 0.
+        # Examples packed in rows (chat, instruct) attend within their segment, positions
+        # restarting with each (`transformer.data.examples`).
+        packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+        logits = self.model.apply(
+            {"params": params}, inputs, return_hidden=hidden, **packed, **_dropout(rng)
+        )
+        # Loss weights: evaluation batches mark the rows that pad out the last batch with mask
+        # 0; example batches mark the answer tokens.
         weights = batch["mask"] if "mask" in batch else jnp.ones(targets.shape)
         return logits, targets, weights.astype(jnp.float32)
 

@@ -1,0 +1,148 @@
+"""Batches of examples with a loss mask (conversations, prompt/completion pairs): each example
+whole in a row, one per row or several packed, and the loss on its answer tokens only.
+
+A batch, this process's rows of the global batch, all int32:
+  tokens       [b, t + 1]  the examples' ids, each cut to t + 1 tokens, 0 after the last one
+  mask         [b, t]      1 where the target tokens[:, 1:] is an answer token of the same
+                           example as its input: the loss weights, so the mean is over answer
+                           tokens only, whatever the padding and packing
+  segment_ids  [b, t]      1, 2, ... for the inputs' examples, 0 for padding: attention stays
+                           within an example
+  positions    [b, t]      0, 1, ... restarting with every example
+Rows are laid out once per run (shuffled and packed first-fit with `data.pack`, in order
+otherwise) and reshuffled every epoch, like translation pairs (`transformer.data.pairs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import grain
+import numpy as np
+
+from transformer.data.batching import global_rows, shuffled_batches
+from transformer.data.shards import TokenShards
+from transformer.errors import DataError
+
+EXAMPLE_KEYS = ("tokens", "mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A split's examples: ids and loss masks, and where each example ends."""
+
+    tokens: TokenShards
+    masks: TokenShards
+    ends: np.ndarray  # int64 [n]: the end of example i in the flat split
+    row_len: int  # seq_len + 1 tokens per row
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example in a row: all of it, or the first row_len."""
+        return np.minimum(self.ends - self.starts, self.row_len)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def rows(self, pack: bool, seed: int | None) -> list[np.ndarray]:
+        """Example indices of each row: one example per row, or (`pack`) as many as fit,
+        first fit among the newest rows, in a seeded random order (None: in order)."""
+        order = (
+            np.arange(len(self))
+            if seed is None
+            else np.random.default_rng(seed).permutation(len(self))
+        )
+        if not pack:
+            return [np.array([i]) for i in order]
+        lengths = self.lengths
+        rows: list[list[int]] = []
+        room: list[int] = []
+        open_rows = 16  # only the newest rows take more examples: packing stays linear
+        for i in order:
+            for r in range(max(0, len(rows) - open_rows), len(rows)):
+                if lengths[i] <= room[r]:
+                    rows[r].append(int(i))
+                    room[r] -= int(lengths[i])
+                    break
+            else:
+                rows.append([int(i)])
+                room.append(self.row_len - int(lengths[i]))
+        return [np.asarray(r) for r in rows]
+
+    def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of example indices (empty: a padding row) -> the batch (module docstring)."""
+        n, t = len(rows), self.row_len
+        tokens = np.zeros((n, t), np.int32)
+        answer = np.zeros((n, t), np.int32)
+        segments = np.zeros((n, t), np.int32)
+        positions = np.zeros((n, t), np.int32)
+        starts, lengths = self.starts, self.lengths
+        for r, examples in enumerate(rows):
+            at = 0
+            for segment, i in enumerate(examples, start=1):
+                span = np.arange(starts[i], starts[i] + lengths[i])
+                tokens[r, at : at + len(span)] = self.tokens[span]
+                answer[r, at : at + len(span)] = self.masks[span]
+                segments[r, at : at + len(span)] = segment
+                positions[r, at : at + len(span)] = np.arange(len(span))
+                at += len(span)
+        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        return {
+            "tokens": tokens,
+            "mask": (answer[:, 1:] * same).astype(np.int32),
+            "segment_ids": segments[:, :-1],
+            "positions": positions[:, :-1],
+        }
+
+
+def _train_batch(indices: np.ndarray, examples: Examples, rows: list, local: slice) -> dict:
+    return examples.batch([rows[i] for i in indices[local]])
+
+
+def examples_train_dataset(
+    examples: Examples,
+    *,
+    global_batch_size: int,
+    seed: int,
+    pack: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite batches of the training examples (see the module docstring)."""
+    if len(examples) == 0:
+        raise DataError("the training split has no examples; check data.corpus.")
+    local = global_rows(global_batch_size, process_index, process_count)
+    rows = examples.rows(pack, seed)
+    batch = functools.partial(_train_batch, examples=examples, rows=rows, local=local)
+    return shuffled_batches(len(rows), seed, global_batch_size).map(batch)
+
+
+def _eval_batch(b: int, examples: Examples, rows: list, local: slice, size: int) -> dict:
+    first = b * size
+    ids = range(first + local.start, first + local.stop)
+    return examples.batch([rows[i] if i < len(rows) else np.zeros(0, np.int64) for i in ids])
+
+
+def examples_eval_dataset(
+    examples: Examples,
+    *,
+    global_batch_size: int,
+    pack: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Finite batches of the held-out examples in order, every one once; the last global batch
+    is padded with empty rows (mask 0)."""
+    if len(examples) == 0:
+        raise DataError("the validation split has no examples; check data.corpus.")
+    local = global_rows(global_batch_size, process_index, process_count)
+    rows = examples.rows(pack, seed=None)
+    batch = functools.partial(
+        _eval_batch, examples=examples, rows=rows, local=local, size=global_batch_size
+    )
+    return grain.MapDataset.range(-(-len(rows) // global_batch_size)).map(batch)
