@@ -24,6 +24,7 @@ import numpy as np
 
 from transformer.errors import ConvertError
 from transformer.model.config import ModelConfig, family_problems
+from transformer.model.lora import lora_for
 from transformer.model.scan import Params, stack_layers, unstack_layers
 
 
@@ -340,3 +341,61 @@ def state_dict_from_params(
         state["lm_head.weight"] = ours[("lm_head", "kernel")][:, :vocab].T
     # Contiguous copies: safetensors writes raw buffers, and slices and transposes are views.
     return {name: np.ascontiguousarray(value) for name, value in state.items()}
+
+
+def adapter_tensors(
+    family: Family, cfg: ModelConfig, params: Mapping[str, Any]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """PEFT's LoRA tensors of our adapters (`lora_A.weight` [r, in], `lora_B.weight` [out, r],
+    named as `PeftModel` saves them) and the full names of the modules they adapt (GPT-2 names
+    two modules of a layer `c_proj`: full names keep an adapter off the other), by the family's
+    table.
+
+    A fused kernel with one adapter over all its slots (target `qkv`) becomes one adapter per
+    Hugging Face module with the same A; per-slot adapters on a module Hugging Face keeps fused
+    (GPT-2's c_attn) cannot be one PEFT adapter and are refused."""
+    params = unbox(params)
+    if "layers" in tree_get(params, ("decoder",)):
+        params = unstack_layers(params)
+    tensors: dict[str, np.ndarray] = {}
+    modules: set[str] = set()
+    for hf_name, entry in family.table(cfg).items():
+        node = tree_get(params, entry.path[:-1])
+        if not hf_name.endswith(".weight") or "lora_a" not in node:
+            continue
+        pair = _adapter_pair(cfg, entry, node, hf_name)
+        if pair is None:
+            continue
+        module = family.prefix + hf_name.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = pair[0]
+        tensors[f"base_model.model.{module}.lora_B.weight"] = pair[1]
+        modules.add(module)
+    return tensors, sorted(modules)
+
+
+def _adapter_pair(
+    cfg: ModelConfig, entry: Tensor, node: Mapping[str, Any], hf_name: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lora_A [r, in], lora_B [out, r]) of the Hugging Face module behind `entry`, or None
+    when its slot of a fused kernel has no adapter."""
+    spec = lora_for(cfg, entry.path[-2])
+    a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
+    r = spec.rank
+    if spec.slots is None:
+        fan_in = a.size // r
+        a_in = a.reshape(fan_in, r)
+        b_out = b.reshape(r, -1) if entry.slot is None else b.reshape(r, b.shape[1], -1)
+        b_out = b_out if entry.slot is None else b_out[:, entry.slot]
+    elif entry.slot is None:
+        raise ConvertError(
+            f"{hf_name} holds queries, keys and values in one module: a PEFT adapter for it "
+            "needs one adapter over all three (model.lora_targets with qkv, not q, k, v); "
+            "export merged weights instead (without --adapter)"
+        )
+    elif entry.slot not in spec.slots:
+        return None
+    else:
+        index, slots = spec.slots.index(entry.slot), len(spec.slots)
+        a_in = a.reshape(-1, slots, r)[:, index]
+        b_out = b.reshape(slots, r, -1)[index]
+    return np.ascontiguousarray(a_in.T), np.ascontiguousarray(b_out.T)

@@ -8,15 +8,18 @@ import json
 import os
 from pathlib import Path
 
+from transformer.data.chat import ChatFormat
 from transformer.data.tokenizer import PAD, UNK, Tokenizer
 from transformer.files import write_text_atomic
 
 
 def tokenizer_config(
-    tokenizer: Tokenizer, max_len: int, chat_template: str | None = None
+    tokenizer: Tokenizer, max_len: int, chat: ChatFormat | None = None
 ) -> dict[str, object]:
     """`tokenizer_config.json` of a fast tokenizer with our special tokens; no BOS or EOS is
-    added by the tokenizer itself (this library adds them where a task wants them)."""
+    added by the tokenizer itself (this library adds them where a task wants them). With a chat
+    format: its template and tokens, and its end-of-turn token as the EOS, so that
+    `generate` stops where an assistant turn ends."""
     config: dict[str, object] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tokenizer.bos_token,
@@ -29,8 +32,10 @@ def tokenizer_config(
     for key, token in (("pad_token", PAD), ("unk_token", UNK)):
         if tokenizer.hf.token_to_id(token) is not None:
             config[key] = token
-    if chat_template is not None:
-        config["chat_template"] = chat_template
+    if chat is not None:
+        config.update(chat.tokens)
+        config["eos_token"] = chat.end_of_turn
+        config["chat_template"] = chat.template
     return config
 
 
@@ -39,11 +44,11 @@ def export_tokenizer(
     out_dir: str | os.PathLike,
     *,
     max_len: int,
-    chat_template: str | None = None,
+    chat: ChatFormat | None = None,
 ) -> Path:
     """Writes `tokenizer.json` and `tokenizer_config.json` into `out_dir`; returns it."""
     out = Path(out_dir)
     tokenizer.save(out / "tokenizer.json")
-    config = tokenizer_config(tokenizer, max_len, chat_template)
+    config = tokenizer_config(tokenizer, max_len, chat)
     write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return out
