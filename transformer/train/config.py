@@ -58,6 +58,9 @@ class TrainConfig:
     log_every_steps: int = 50  # metrics.jsonl / TensorBoard / progress bar
     eval_every_steps: int = 250  # held-out loss; 0 = only at the end
     eval_batches: int = 20  # batches per evaluation; 0 = the whole split
+    eval_tasks: str = ""  # GPT: lm-eval tasks (comma list) at evaluation steps; needs [eval]
+    eval_tasks_path: str = ""  # directory of your own lm-eval task YAML files
+    eval_tasks_limit: float = 0.0  # documents per task (below 1: that share); 0 = all
     sample_tokens: int = 300  # GPT: characters/tokens sampled at the end; 0 = none
     bleu_pairs: int = 200  # translation: held-out pairs scored with BLEU at the end
     beam_size: int = 4  # translation: beam width for BLEU (sec. 6.1)
@@ -91,6 +94,7 @@ class TrainConfig:
             ("log_every_steps", self.log_every_steps >= 1, "must be at least 1"),
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0 (0 = only at the end)"),
             ("eval_batches", self.eval_batches >= 0, ">= 0 (0 = the whole split)"),
+            ("eval_tasks_limit", self.eval_tasks_limit >= 0, ">= 0 (0 = every document)"),
             ("sample_tokens", self.sample_tokens >= 0, ">= 0 (0 = no sample)"),
             ("bleu_pairs", self.bleu_pairs >= 0, ">= 0 (0 = no BLEU)"),
             ("beam_size", self.beam_size >= 1, "must be at least 1 (1 = greedy)"),
@@ -100,6 +104,11 @@ class TrainConfig:
             ("prng_impl", *one_of(self.prng_impl, tuple(PRNG_IMPLS))),
         ]
         check_fields("train", self, rules)
+
+    @property
+    def task_names(self) -> list[str]:
+        """`eval_tasks` as a list of names."""
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
 
     @property
     def last_step(self) -> int:
@@ -212,13 +221,18 @@ class RunConfig:
             )
         # Before any data is read: a GPT trains on documents, an encoder-decoder on pairs.
         kind = corpus_kind(self.data.corpus)
-        if (kind == "lm") != cfg.is_decoder_only:
+        if (kind != "translation") != cfg.is_decoder_only:
             wanted = (
-                ("an encoder-decoder", "translation") if kind == "translation" else ("a GPT", "lm")
+                ("an encoder-decoder", "translation") if kind == "translation" else ("a GPT", kind)
             )
             raise ConfigError(
                 f"data.corpus={self.data.corpus!r} is a {kind} corpus but the model is "
                 f"{cfg.describe()}; use a {wanted[1]} corpus or {wanted[0]} config"
+            )
+        if self.train.task_names and not cfg.is_decoder_only:
+            raise ConfigError(
+                f"train.eval_tasks={self.train.eval_tasks!r}: lm-eval tasks score a GPT, but the "
+                f"model is {cfg.describe()}; drop train.eval_tasks (BLEU scores translation)"
             )
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from transformer import evaluation as lm_eval_tasks  # names load on first use: lm-eval optional
 from transformer.data.pipeline import Data, make_data
 from transformer.store.rundir import RunDir
 from transformer.train.config import RunConfig
@@ -74,6 +75,8 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
     """Data, trainer and the state to continue from: the newest good checkpoint, or new
     parameters (fine-tuned from checkpoint.init_from if given)."""
     train_cfg = run_cfg.train
+    if train_cfg.task_names:  # before any data is read: lm-eval installed, the tasks known
+        lm_eval_tasks.check_tasks(train_cfg.task_names, train_cfg.eval_tasks_path or None)
     data = make_data(
         run_cfg.data,
         global_batch_size=train_cfg.batch_size,
@@ -97,7 +100,7 @@ def _start(run_cfg: RunConfig, rundir: Any) -> _Start:
             step, state, sums = 0, trainer.new_state(train_cfg.seed), None
             if run_cfg.checkpoint.init_from:
                 params = initial_params(run_cfg.checkpoint.init_from, model_cfg)
-                state = state.replace(params=trainer.place_params(params))
+                state = state.replace(params=trainer.place_params(params, state.params))
     if jax.process_index() == 0:
         resolved = run_cfg.to_dict()
         resolved["model"] = model_cfg.to_dict()
@@ -138,6 +141,24 @@ def _hooks(start: _Start, stop: Any, clock: Throughput, mfu_scale: float | None)
         every=train_cfg.eval_every_steps,
         at_last=True,
     )
+    measures = [evaluation]
+    if train_cfg.task_names:
+        # lm-eval tasks at the evaluation steps: {"eval/<task>/<metric>": value}
+        measures.append(
+            Hook(
+                lambda info: lm_eval_tasks.evaluate_tasks(
+                    trainer.model_cfg,
+                    info.state.params,
+                    data.tokenizer,
+                    train_cfg.task_names,
+                    include_path=train_cfg.eval_tasks_path or None,
+                    limit=train_cfg.eval_tasks_limit or None,
+                    mesh=trainer.mesh,
+                ),
+                every=train_cfg.eval_every_steps,
+                at_last=True,
+            )
+        )
     end_of_run = Hook(
         lambda info: trainer.task.end_of_run_metrics(
             jax.device_get(info.state.params), data.tokenizer, data, train_cfg
@@ -154,7 +175,7 @@ def _hooks(start: _Start, stop: Any, clock: Throughput, mfu_scale: float | None)
         clock,
         trainer.schedule,
         mfu_scale,
-        measures=(evaluation, end_of_run),
+        measures=(*measures, end_of_run),
         bar=bar,
         on_record=stop.sync if jax.process_count() > 1 else lambda: None,
     )
