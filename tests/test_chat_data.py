@@ -226,6 +226,33 @@ def prepared_examples(cache, corpus):
     return out
 
 
+def test_sharded_preparation_equals_one_run(tmp_path):
+    """The masks are prepared as the ids are: N `prepare --shard I/N` commands write the same
+    files as one, skipped records counted in their units."""
+    from test_prepare import directory_files
+
+    for i in range(6):
+        records = chat_records(20)
+        records.insert(i, {"messages": []})  # one bad record in each file
+        write_jsonl(tmp_path / f"part{i}.jsonl", records)
+    fields = dict(
+        corpus=f"chat:{tmp_path}/part*.jsonl",
+        tokenizer="char",
+        seq_len=128,
+        shard_mb=0.001,
+        skip_bad_records=True,
+    )
+    one = prepare_corpus({**fields, "cache_dir": str(tmp_path / "one")})
+    assert one.report.units_total >= 6
+    for shard in range(3):
+        three = prepare_corpus(
+            {**fields, "cache_dir": str(tmp_path / "three")}, shard=shard, num_shards=3
+        )
+    assert directory_files(three.report.directory) == directory_files(one.report.directory)
+    assert one.report.skipped_records == 6
+    assert any(p.name.endswith(".mask.bin") for p in one.report.directory.iterdir())
+
+
 @pytest.mark.parametrize("kind", ["chat", "instruct"])
 def test_every_container_gives_the_same_examples(tmp_path, kind):
     records = chat_records(30) if kind == "chat" else instruct_records(30)

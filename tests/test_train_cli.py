@@ -186,7 +186,7 @@ def test_sample_command_continues_a_prompt(straight_run):
 
 
 # Configs that need a path of the user's (the message names the field to set).
-NEEDS_A_PATH = {"smollm_finetune.py": "data.tokenizer_path"}
+NEEDS_A_PATH = {"smollm_finetune.py": "data.tokenizer_path", "sft_lora.py": "data.tokenizer_path"}
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,13 @@
 The package in layers, lowest first; a layer imports only the layers below it:
 
   errors, files   every user error; the one atomic file writer
-  model           ModelConfig, kernels, layers, GPT and EncoderDecoder
-  data            tokenizers, corpora, token shards, batches
+  model           ModelConfig, kernels, layers, GPT and EncoderDecoder, LoRA, sharding rules
+  data            tokenizers, corpora, chat templates, token shards, batches
   store           a run directory and its checkpoints; load_run
-  inference       sampling, beam search, generate/translate
-  hf              Hugging Face GPT-2 and Llama weights in and out
-  train           run config, optimiser, sharding, steps, trainer, hooks, a whole run
+  inference       sampling, beam search, generate/reply/translate
+  hf              Hugging Face GPT-2 and Llama weights in and out; a run exported, PEFT adapters
+  evaluation      the lm-evaluation-harness backend (lm-eval imported only there)
+  train           run config, optimiser, steps, trainer, hooks, a whole run
   cli             the commands (`python train.py`, `python -m transformer.sample`, ...)
 
 The names below load on first use, so `import transformer.data` does not import Flax.
