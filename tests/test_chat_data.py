@@ -179,6 +179,34 @@ def test_masked_loss_equals_a_hand_computation_with_packing_and_accumulation(tmp
         np.testing.assert_allclose(loss_sum / tokens, nll / count, rtol=1e-5)
 
 
+def test_hosts_read_disjoint_rows_of_the_same_global_batch(tmp_path):
+    """Two hosts' example batches, stacked, are the one-host batch: the masked loss, a sum over
+    the global batch divided by its answer-token count, is the same on any number of hosts."""
+    corpus = write_jsonl(tmp_path / "chats.jsonl", chat_records(40))
+    cfg = dict(corpus=f"chat:{corpus}", tokenizer="char", seq_len=128, pack=True)
+    cfg["cache_dir"] = str(tmp_path)
+
+    def batches(index, count):
+        data = make_data(
+            cfg,
+            global_batch_size=8,
+            seed=3,
+            tokenizer_path=tmp_path / "tokenizer.json",
+            process_index=index,
+            process_count=count,
+        )
+        train = [next(data.train_iter) for _ in range(3)]
+        return train, list(data.eval_batches())
+
+    one = batches(0, 1)
+    hosts = [batches(i, 2) for i in range(2)]
+    for split in (0, 1):
+        for step, whole in enumerate(one[split]):
+            for key, value in whole.items():
+                parts = [host[split][step][key] for host in hosts]
+                np.testing.assert_array_equal(np.concatenate(parts), value)
+
+
 def instruct_records(n):
     return [{"prompt": f"Say {i} twice.", "completion": f"{i} {i}"} for i in range(n)]
 
