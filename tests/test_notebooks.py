@@ -13,6 +13,8 @@ NAMES = sorted(
 # Notebooks that set up their own simulated devices before importing JAX; the others get one
 # CPU device instead of the 8 that conftest.py gives this process (faster on a small machine).
 OWN_DEVICES = ("05_scaling_out",)
+# Notebooks that need optional extras: skipped (with the reason) without them.
+EXTRAS = {"07_finetune": {"lm_eval": "eval", "safetensors": "hf"}}
 
 
 def test_there_are_notebooks():
@@ -58,6 +60,9 @@ def test_notebook_runs_in_quick_mode(name, monkeypatch, tmp_path):
     import nbclient
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    for module, extra in EXTRAS.get(name, {}).items():
+        pytest.importorskip(module, reason=f"{name} needs the {extra} extra")
 
     try:
         KernelSpecManager().get_kernel_spec("python3")
