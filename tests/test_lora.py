@@ -108,8 +108,13 @@ def lora_config(learning_rate=1e-3, targets="q,k,v,o,gate,up,down"):
     return config
 
 
-def test_only_the_adapters_train_and_hold_optimizer_state():
-    setup = setup_for(lora_config(learning_rate=3e-2), devices=jax.devices()[:1])
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_only_the_adapters_train_and_hold_optimizer_state(param_dtype):
+    """Also with the frozen base stored in bfloat16: the adapters and their moments stay
+    float32, and the base keeps its bfloat16 values bit for bit."""
+    config = lora_config(learning_rate=3e-2)
+    config.model.param_dtype = param_dtype
+    setup = setup_for(config, devices=jax.devices()[:1])
     with setup.within_mesh():
         start = jax.device_get(setup.new_state(0).params)
     state, losses = run_steps(setup, [lm_batch(0)] * 10)  # the adapters alone fit one batch
@@ -117,6 +122,10 @@ def test_only_the_adapters_train_and_hold_optimizer_state():
     assert losses[-1] < losses[0]
     trained, frozen = lora.split_trainable(end)
     before_trained, before_frozen = lora.split_trainable(start)
+    assert {x.dtype.name for x in jax.tree.leaves(frozen)} == {param_dtype}
+    assert {x.dtype.name for x in jax.tree.leaves(trained)} == {"float32"}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert {x.dtype.name for x in moments} == {"float32"}
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(before_frozen), strict=True):
         np.testing.assert_array_equal(a, b)  # the base, bit for bit
     changed = [
