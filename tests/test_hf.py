@@ -651,5 +651,8 @@ def test_finetune_starts_from_a_llama_directory(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model\.rope_theta: 10000.0 there, 500000.0 here"):
         initial_params(str(tmp_path), dataclasses.replace(cfg, rope_theta=500000.0))
-    with pytest.raises(ConfigError, match=r"model\.num_kv_heads: 4 there, 2 here"):
-        initial_params(str(tmp_path), dataclasses.replace(cfg, num_kv_heads=2))
+    with pytest.raises(ConfigError, match=r"model\.num_kv_heads: 4 there, 2 here") as refused:
+        initial_params(str(tmp_path), dataclasses.replace(cfg, num_kv_heads=2, d_ff=7))
+    # The fix, as the flags to add.
+    flags = f"--config.model.num_kv_heads=4 --config.model.d_ff={cfg.d_ff}"
+    assert str(refused.value).endswith(f"settings as that checkpoint: {flags}")

@@ -33,14 +33,15 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
     # The embedding rows are compared below, with a message that names the fix; the layers'
     # layout was converted above; adapters are the run's own, on top of the base.
     ignore = ("vocab_size", "real_vocab_size", "scan_layers", *ADAPTER_FIELDS)
-    diffs = [
-        f"model.{k}: {theirs!r} there, {mine!r} here"
-        for k, theirs, mine in model_cfg.differences(source_cfg, ignore=ignore)
-    ]
-    if diffs:
+    differences = model_cfg.differences(source_cfg, ignore=ignore)
+    if differences:
+        diffs = "; ".join(
+            f"model.{k}: {theirs!r} there, {mine!r} here" for k, theirs, mine in differences
+        )
+        flags = " ".join(f"--config.model.{k}={theirs}" for k, theirs, _ in differences)
         raise ConfigError(
-            f"checkpoint.init_from={init_from} holds another model ({'; '.join(diffs)}); use "
-            "the same model.* settings as that checkpoint"
+            f"checkpoint.init_from={init_from} holds another model ({diffs}); use the same "
+            f"model.* settings as that checkpoint: {flags}"
         )
     source_vocab = jax.tree.leaves(params["embed"]["token_embedding"])[0].shape[0]
     if source_vocab != model_cfg.vocab_size:
