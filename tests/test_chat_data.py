@@ -11,7 +11,7 @@ import pytest
 import zstandard
 from conftest import run_python
 
-from transformer.data.chat import ChatFormat, ChatRenderer
+from transformer.data.chat import DEFAULT_TEMPLATE, IM_END, IM_START, ChatFormat, ChatRenderer
 from transformer.data.pipeline import make_data, prepare_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import DataError
@@ -88,8 +88,12 @@ def runs(mask):
     return list(zip(edges[::2], edges[1::2], strict=True))
 
 
-@pytest.mark.parametrize("which", ["default", "model"])
+@pytest.mark.parametrize("which", ["default", "model", "model-own-end", "jinja-file"])
 def test_chat_ids_equal_transformers_apply_chat_template(tmp_path, which):
+    """default: ChatML added to a tokenizer; model: a directory's own template, the EOS ending
+    each turn; model-own-end: ChatML in a directory whose EOS is another token (Qwen's and
+    SmolLM2's base models: a turn ends with <|im_end|>, not the EOS); jinja-file: the template
+    in chat_template.jinja, as transformers 5 saves it."""
     transformers = pytest.importorskip("transformers")
     tokenizer = bpe_tokenizer()
     if which == "default":
@@ -97,12 +101,25 @@ def test_chat_ids_equal_transformers_apply_chat_template(tmp_path, which):
         tokenizer.add_special_tokens(chat.special_tokens())
         export_tokenizer(tokenizer, tmp_path, max_len=256, chat=chat)
     else:  # a pretrained model's directory with its own template
+        template = MODEL_TEMPLATE
+        if which == "model-own-end":
+            tokenizer.add_special_tokens([IM_START, IM_END])
+            template = DEFAULT_TEMPLATE
         export_tokenizer(tokenizer, tmp_path, max_len=256)
         config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-        config["chat_template"] = MODEL_TEMPLATE
+        config["chat_template"] = template
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        if which == "jinja-file":
+            transformers.AutoTokenizer.from_pretrained(tmp_path).save_pretrained(tmp_path / "s")
+            tmp_path = tmp_path / "s"
+            assert (tmp_path / "chat_template.jinja").read_text() == MODEL_TEMPLATE
+            assert "chat_template" not in json.loads(
+                (tmp_path / "tokenizer_config.json").read_text()
+            )
         chat = ChatFormat.from_model_dir(tmp_path)
-        assert chat.end_of_turn == tokenizer.eos_token
+        assert chat.template == template
+        expected_end = IM_END if which == "model-own-end" else tokenizer.eos_token
+        assert tokenizer.eos_token != IM_END and chat.end_of_turn == expected_end
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     renderer = ChatRenderer(chat)
 

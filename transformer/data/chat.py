@@ -3,8 +3,10 @@ renders them, and the tokens of every assistant turn marked as the ones to learn
 
 A chat format is a Jinja template plus the special tokens it may name (`bos_token`,
 `eos_token`, ...) and the token that ends an assistant turn. A pretrained model's own format is
-read from its `tokenizer_config.json` (`ChatFormat.from_model_dir`); otherwise the documented
-default is ChatML:
+read from its `tokenizer_config.json` or `chat_template.jinja` (`ChatFormat.from_model_dir`),
+its end of turn being the special token the template writes after an answer (ChatML's
+`<|im_end|>`, Llama 3's `<|eot_id|>`, else the EOS); otherwise the documented default is
+ChatML:
 
     <|im_start|>system
     You are helpful.<|im_end|>
@@ -51,6 +53,7 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 _TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_PROBE = "PROBE-ANSWER-7F3A"  # an answer no template writes itself, to see what follows one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +70,31 @@ class ChatFormat:
 
     @classmethod
     def from_model_dir(cls, directory: str | os.PathLike) -> ChatFormat | None:
-        """The format in a model directory's tokenizer_config.json, or None without one."""
-        path = Path(directory).expanduser() / "tokenizer_config.json"
+        """The format of a model directory: the `chat_template` of its tokenizer_config.json,
+        or its chat_template.jinja (where `transformers` 5 saves it); None without one."""
+        directory = Path(directory).expanduser()
+        path = directory / "tokenizer_config.json"
         if not path.is_file():
             return None
         config = json.loads(path.read_text(encoding="utf-8"))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = {t.get("name"): t.get("template") for t in template}
+            if "default" not in named:
+                raise DataError(
+                    f"{path} has named chat templates ({', '.join(map(str, named))}) but none "
+                    "named 'default'; name the one to train with 'default'"
+                )
+            template = named["default"]
+        if not template and (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if not template:
             return None
         tokens = {k: _content(config[k]) for k in _TOKEN_KEYS if config.get(k)}
         if "eos_token" not in tokens:
             raise DataError(f"{path} has a chat_template but no eos_token to end a turn with")
-        return cls(template, tokens, tokens["eos_token"])
+        specials = _special_tokens(directory, config) | set(tokens.values())
+        return cls(template, tokens, _end_of_turn(cls(template, tokens, ""), specials))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
@@ -97,6 +111,31 @@ class ChatFormat:
 def _content(token: Any) -> str:
     """A token as tokenizer_config.json writes it: a string, or an AddedToken's dict."""
     return token["content"] if isinstance(token, dict) else str(token)
+
+
+def _special_tokens(directory: Path, config: dict) -> set[str]:
+    """The special tokens a model directory declares (tokenizer.json's added tokens and
+    tokenizer_config.json's `added_tokens_decoder`)."""
+    entries = list(config.get("added_tokens_decoder", {}).values())
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+        entries += tokenizer.get("added_tokens") or []
+    return {e["content"] for e in entries if isinstance(e, dict) and e.get("special")}
+
+
+def _end_of_turn(chat: ChatFormat, specials: set[str]) -> str:
+    """The special token `chat`'s template writes first after an assistant's answer (ChatML's
+    `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), else the EOS."""
+    eos = chat.tokens["eos_token"]
+    conversation = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = ChatRenderer(chat).render(conversation)
+    except DataError:  # a template with demands of its own: the EOS
+        return eos
+    at = text.rfind(_PROBE)
+    tail = text[at + len(_PROBE) :] if at >= 0 else ""
+    found = [(tail.find(t), -len(t), t) for t in specials if t and t in tail]
+    return min(found)[2] if found else eos
 
 
 class _Generation(jinja2.ext.Extension):
