@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from transformer import GPT, preset
+from transformer import GPT, ConfigError, preset
 from transformer.model import lora
 from transformer.model.sharding import LOGICAL_AXIS_RULES, make_mesh
 
@@ -54,6 +54,14 @@ def with_random_adapters(params, seed=1):
         ),
         params,
     )
+
+
+def test_a_target_the_model_lacks_is_refused():
+    """Without a gated FFN, `gate` would adapt nothing (and with no adapters at all every
+    parameter would train): refused when the config is made."""
+    with pytest.raises(ConfigError, match="gate adapts the gate of a gated FFN"):
+        preset("tiny_gpt", lora_rank=4, lora_targets="gate")
+    assert lora.targets(preset("llama_tiny", lora_rank=4, lora_targets="gate")) == ("gate",)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

@@ -162,6 +162,12 @@ class ModelConfig:
             "lora_targets",
             "qkv is one adapter for queries, keys and values together; use it or q, k, v",
         )
+        check(
+            not (self.lora_rank and "gate" in targets and not self.gated_ffn),
+            "lora_targets",
+            f"gate adapts the gate of a gated FFN (activation=swiglu or geglu), which this "
+            f"model's {self.activation} FFN has not; use up and down for its MLP",
+        )
 
     def describe(self) -> str:
         """'a 6-layer GPT' or 'a 6+6-layer encoder-decoder', for messages."""
