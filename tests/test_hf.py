@@ -656,3 +656,13 @@ def test_finetune_starts_from_a_llama_directory(tmp_path):
     # The fix, as the flags to add.
     flags = f"--config.model.num_kv_heads=4 --config.model.d_ff={cfg.d_ff}"
     assert str(refused.value).endswith(f"settings as that checkpoint: {flags}")
+
+    # LoRA trains no embedding rows: tokens the base has no trained rows for (chat tokens
+    # added to its tokenizer) are refused; full fine-tuning trains them.
+    tokens = model.config.vocab_size
+    more_tokens = dataclasses.replace(cfg, real_vocab_size=tokens + 2)
+    adapters = dataclasses.replace(more_tokens, lora_rank=4, lora_targets="q,v")
+    with pytest.raises(ConfigError, match=r"has 2 tokens that checkpoint.init_from=.* no trained"):
+        initial_params(str(tmp_path), adapters)
+    initial_params(str(tmp_path), more_tokens)
+    initial_params(str(tmp_path), dataclasses.replace(adapters, real_vocab_size=tokens))

@@ -43,6 +43,14 @@ def initial_params(init_from: str, model_cfg: ModelConfig) -> Any:
             f"checkpoint.init_from={init_from} holds another model ({diffs}); use the same "
             f"model.* settings as that checkpoint: {flags}"
         )
+    if model_cfg.lora_rank and model_cfg.num_classes > source_cfg.num_classes:
+        raise ConfigError(
+            f"the run's tokenizer has {model_cfg.num_classes - source_cfg.num_classes} tokens "
+            f"that checkpoint.init_from={init_from} has no trained rows for (ids "
+            f"{source_cfg.num_classes} and up: the chat tokens <|im_start|> and <|im_end|> are "
+            "added when the model has no chat template), and LoRA trains no embedding rows; "
+            "fine-tune in full (model.lora_rank=0) or start from a model with a chat template"
+        )
     source_vocab = jax.tree.leaves(params["embed"]["token_embedding"])[0].shape[0]
     if source_vocab != model_cfg.vocab_size:
         raise ConfigError(
