@@ -318,12 +318,13 @@ class TransformerLM(lm_api.TemplateLM):
             kwargs.pop("until", None), eos=self.tokenizer.eos_token
         )
         sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)  # greedy sets it to 0
         start = [self.tokenizer.eos_id]  # an empty context starts a new document
         ids = self.scorer.generate(
             [self.tok_encode(c) or start for c in contexts],
             max_new_tokens=int(kwargs.pop("max_gen_toks")),
             eos_id=self.tokenizer.eos_id,
-            temperature=float(kwargs.pop("temperature", 0.0) or 0.0) if sample else 0.0,
+            temperature=temperature if sample else 0.0,
             top_k=int(kwargs.pop("top_k", 0) or 0),
             top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
             seed=self.seed,
