@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from transformer.errors import ConfigError, DataError
-from transformer.inference.decode import sample_tokens, until_eos
-from transformer.inference.gpt import gpt_init_cache, gpt_tokens_to_logits
+from transformer.inference.decode import until_eos
+from transformer.inference.gpt import SAMPLING_ARGS, continue_prompts
 from transformer.model.config import ModelConfig
 from transformer.model.models import GPT, init_variables
 from transformer.model.ops import mask_vocab_padding
@@ -104,34 +104,6 @@ def _row_scores(
     return (logprobs * weights).sum(-1), greedy.all(-1)
 
 
-def _generated(
-    params: Any,
-    prompt: Array,
-    offset: Array,
-    rng: Array,
-    *,
-    cfg: ModelConfig,
-    steps: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_id: int | None,
-) -> Array:
-    """`steps` new ids per row of a left-padded prompt (`offset` pads per row)."""
-    cache = gpt_init_cache(cfg, prompt.shape[0], prompt.shape[1] + steps, offset)
-    return sample_tokens(
-        gpt_tokens_to_logits(cfg, params),
-        prompt,
-        cache,
-        rng,
-        max_new_tokens=steps,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=eos_id,
-    )
-
-
 @functools.cache
 def _compiled(cfg: ModelConfig, mesh: Mesh) -> tuple[Any, Callable, Callable]:
     """(abstract sharded params, scoring step, generation step) of a model on a mesh, built once
@@ -146,9 +118,9 @@ def _compiled(cfg: ModelConfig, mesh: Mesh) -> tuple[Any, Callable, Callable]:
     )
     # The inputs arrive placed (jit takes no in_shardings with keyword arguments).
     generate = jax.jit(
-        functools.partial(_generated, cfg=cfg),
+        functools.partial(continue_prompts, cfg=cfg),
         out_shardings=whole,
-        static_argnames=("steps", "temperature", "top_k", "top_p", "eos_id"),
+        static_argnames=SAMPLING_ARGS,
     )
     return target, score, generate
 
@@ -254,7 +226,10 @@ class Scorer:
         if any(not ids for ids in rows):
             raise DataError("generation needs a non-empty context; start it with the EOS token")
         sampling = dict(
-            steps=steps, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+            max_new_tokens=steps,
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
         )
         out: list[list[int]] = [[] for _ in rows]
         key = jax.random.key(seed)
@@ -269,7 +244,7 @@ class Scorer:
     def _generate_batch(
         self, rows: list[list[int]], key: Array, eos_id: int | None, sampling: dict[str, Any]
     ) -> list[list[int]]:
-        length = bucket_length(max(map(len, rows)), self.cfg.max_len - sampling["steps"])
+        length = bucket_length(max(map(len, rows)), self.cfg.max_len - sampling["max_new_tokens"])
         # Spare rows repeat the first one, so they end when it does (the loop stops when all
         # rows have emitted EOS).
         rows = rows + [rows[0]] * (self.batch_size - len(rows))

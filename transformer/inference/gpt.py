@@ -14,7 +14,6 @@ right. Padded vocabulary rows (`model.real_vocab_size`) are never sampled.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -73,18 +72,10 @@ def gpt_tokens_to_logits(cfg: ModelConfig, params: Any) -> Any:
     return tokens_to_logits
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cfg",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_id",
-    ),
-)
-def _generate_ids(
+SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_id")  # static
+
+
+def continue_prompts(
     params: Any,
     prompt: Array,
     offset: Array,
@@ -97,6 +88,8 @@ def _generate_ids(
     top_p: float,
     eos_id: int | None,
 ) -> Array:
+    """`max_new_tokens` new ids per row of a left-padded prompt [b, t] (`offset` [b]: each
+    row's padding), sampled with a KV cache; to be jitted with `cfg` and `SAMPLING_ARGS` static."""
     cache = gpt_init_cache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, offset)
     return sample_tokens(
         gpt_tokens_to_logits(cfg, params),
@@ -109,6 +102,9 @@ def _generate_ids(
         top_p=top_p,
         eos_id=eos_id,
     )
+
+
+_generate_ids = jax.jit(continue_prompts, static_argnames=("cfg", *SAMPLING_ARGS))
 
 
 def generate(
