@@ -3,7 +3,11 @@ epochs of item indices and checkpointable iterators with prefetch."""
 
 from __future__ import annotations
 
+import functools
+from typing import Protocol
+
 import grain
+import numpy as np
 
 from transformer.errors import DataError
 
@@ -34,6 +38,54 @@ def shuffled_batches(num_items: int, seed: int, global_batch_size: int) -> grain
     # shuffle before repeat: grain folds the epoch into the seed, so epochs differ.
     ds = grain.MapDataset.range(num_items).shuffle(seed=seed % 2**32).repeat()
     return ds.batch(global_batch_size)
+
+
+class RowBatcher(Protocol):
+    """Examples or pairs that make a batch from rows of their indices (empty: a padding row)."""
+
+    def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def _train_rows(indices: np.ndarray, source: RowBatcher, rows: list, local: slice) -> dict:
+    return source.batch([rows[i] for i in indices[local]])
+
+
+def row_train_dataset(
+    source: RowBatcher,
+    rows: list[np.ndarray],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite global batches of `rows` (each an array of `source`'s indices), every epoch in
+    a fresh order; this process builds its own rows of each."""
+    local = global_rows(global_batch_size, process_index, process_count)
+    batch = functools.partial(_train_rows, source=source, rows=rows, local=local)
+    return shuffled_batches(len(rows), seed, global_batch_size).map(batch)
+
+
+def _eval_rows(b: int, source: RowBatcher, rows: list, local: slice, size: int) -> dict:
+    ids = range(b * size + local.start, b * size + local.stop)
+    return source.batch([rows[i] if i < len(rows) else np.zeros(0, np.int64) for i in ids])
+
+
+def row_eval_dataset(
+    source: RowBatcher,
+    rows: list[np.ndarray],
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Finite global batches of `rows` in order, every one once; the last is padded with empty
+    rows."""
+    local = global_rows(global_batch_size, process_index, process_count)
+    batch = functools.partial(
+        _eval_rows, source=source, rows=rows, local=local, size=global_batch_size
+    )
+    return grain.MapDataset.range(-(-len(rows) // global_batch_size)).map(batch)
 
 
 def iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:

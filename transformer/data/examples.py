@@ -16,12 +16,11 @@ otherwise) and reshuffled every epoch, like translation pairs (`transformer.data
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import grain
 import numpy as np
 
-from transformer.data.batching import global_rows, shuffled_batches
+from transformer.data.batching import row_eval_dataset, row_train_dataset
 from transformer.data.shards import TokenShards
 from transformer.errors import DataError
 
@@ -100,10 +99,6 @@ class Examples:
         }
 
 
-def _train_batch(indices: np.ndarray, examples: Examples, rows: list, local: slice) -> dict:
-    return examples.batch([rows[i] for i in indices[local]])
-
-
 def examples_train_dataset(
     examples: Examples,
     *,
@@ -116,16 +111,11 @@ def examples_train_dataset(
     """Infinite batches of the training examples (see the module docstring)."""
     if len(examples) == 0:
         raise DataError("the training split has no examples; check data.corpus.")
-    local = global_rows(global_batch_size, process_index, process_count)
+    hosts = dict(process_index=process_index, process_count=process_count)
     rows = examples.rows(pack, seed)
-    batch = functools.partial(_train_batch, examples=examples, rows=rows, local=local)
-    return shuffled_batches(len(rows), seed, global_batch_size).map(batch)
-
-
-def _eval_batch(b: int, examples: Examples, rows: list, local: slice, size: int) -> dict:
-    first = b * size
-    ids = range(first + local.start, first + local.stop)
-    return examples.batch([rows[i] if i < len(rows) else np.zeros(0, np.int64) for i in ids])
+    return row_train_dataset(
+        examples, rows, global_batch_size=global_batch_size, seed=seed, **hosts
+    )
 
 
 def examples_eval_dataset(
@@ -140,9 +130,6 @@ def examples_eval_dataset(
     is padded with empty rows (mask 0)."""
     if len(examples) == 0:
         raise DataError("the validation split has no examples; check data.corpus.")
-    local = global_rows(global_batch_size, process_index, process_count)
+    hosts = dict(process_index=process_index, process_count=process_count)
     rows = examples.rows(pack, seed=None)
-    batch = functools.partial(
-        _eval_batch, examples=examples, rows=rows, local=local, size=global_batch_size
-    )
-    return grain.MapDataset.range(-(-len(rows) // global_batch_size)).map(batch)
+    return row_eval_dataset(examples, rows, global_batch_size=global_batch_size, **hosts)

@@ -5,13 +5,12 @@ per row or several packed with segment ids (the layout is described in
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import grain
 import numpy as np
 
-from transformer.data.batching import global_rows, shuffled_batches
+from transformer.data.batching import row_eval_dataset, row_train_dataset
 from transformer.data.token_cache import Ragged
 from transformer.errors import DataError
 
@@ -106,12 +105,6 @@ class PairTokens:
         return [np.asarray(r) for r in rows]
 
 
-def _translation_train_batch(
-    indices: np.ndarray, pairs: PairTokens, rows: list[np.ndarray], local: slice
-) -> dict:
-    return pairs.batch([rows[i] for i in indices[local]])
-
-
 def translation_train_dataset(
     pairs: PairTokens,
     *,
@@ -122,20 +115,11 @@ def translation_train_dataset(
     process_count: int = 1,
 ) -> grain.MapDataset:
     """Infinite translation batches, one pair per row or packed (see the module docstring)."""
-    local = global_rows(global_batch_size, process_index, process_count)
+    hosts = dict(process_index=process_index, process_count=process_count)
     if len(pairs.src) == 0:
         raise DataError("the training split has no pairs; check data.corpus.")
     rows = pairs.pack(seed) if pack else [np.array([i]) for i in range(len(pairs.src))]
-    batch = functools.partial(_translation_train_batch, pairs=pairs, rows=rows, local=local)
-    return shuffled_batches(len(rows), seed, global_batch_size).map(batch)
-
-
-def _translation_eval_batch(
-    b: int, pairs: PairTokens, local: slice, global_batch_size: int
-) -> dict:
-    first = b * global_batch_size
-    ids = range(first + local.start, first + local.stop)
-    return pairs.batch([np.array([i] if i < len(pairs.src) else [], np.int64) for i in ids])
+    return row_train_dataset(pairs, rows, global_batch_size=global_batch_size, seed=seed, **hosts)
 
 
 def translation_eval_dataset(
@@ -147,10 +131,8 @@ def translation_eval_dataset(
 ) -> grain.MapDataset:
     """Finite translation batches in order, one pair per row; the last global batch is padded
     with empty rows (all segment ids 0)."""
-    local = global_rows(global_batch_size, process_index, process_count)
+    hosts = dict(process_index=process_index, process_count=process_count)
     if len(pairs.src) == 0:
         raise DataError("the validation split has no pairs; check data.corpus.")
-    batch = functools.partial(
-        _translation_eval_batch, pairs=pairs, local=local, global_batch_size=global_batch_size
-    )
-    return grain.MapDataset.range(-(-len(pairs.src) // global_batch_size)).map(batch)
+    rows = [np.array([i]) for i in range(len(pairs.src))]
+    return row_eval_dataset(pairs, rows, global_batch_size=global_batch_size, **hosts)
