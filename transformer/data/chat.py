@@ -220,10 +220,11 @@ class ChatRenderer:
         token included), 0 on the rest."""
         text, spans = self.answer_spans(messages)
         encoding = tokenizer.encode_rendered(text)
-        mask = np.zeros(len(encoding.ids), np.uint8)
-        for i, (start, end) in enumerate(encoding.offsets):
-            mask[i] = any(start < stop and end > begin for begin, stop in spans)
-        return np.asarray(encoding.ids, np.int64), mask
+        offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)  # [n, (start, end)]
+        mask = np.zeros(len(offsets), bool)
+        for begin, stop in spans:  # a token overlapping an answer's characters is a target
+            mask |= (offsets[:, 0] < stop) & (offsets[:, 1] > begin)
+        return np.asarray(encoding.ids, np.int64), mask.astype(np.uint8)
 
     def prompt_ids(self, tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
         """Ids of a conversation followed by the prompt for the assistant's next turn."""
