@@ -159,6 +159,18 @@ def test_merged_export_is_a_hugging_face_model_with_the_runs_logits(base_dir, sf
     assert sampled.rstrip("\n") == expected
 
 
+def test_export_onto_a_file_is_one_clear_error_and_leaves_it(sft_run):
+    root, _ = sft_run
+    target = root / "notes.txt"
+    target.write_text("mine")
+    proc = run_python("-m", "transformer.export", f"--workdir={root / 'run'}", f"--out={target}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"transformer.export: error: {target} is a file; give the directory to export into (--out)"
+    ]
+    assert target.read_text() == "mine"
+
+
 def test_peft_adapter_on_the_base_model_gives_the_runs_logits(base_dir, sft_run):
     root, _ = sft_run
     out = root / "adapter"

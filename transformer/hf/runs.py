@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer.data.chat import ChatFormat
-from transformer.errors import ConvertError, require
+from transformer.errors import ConfigError, ConvertError, require
 from transformer.files import write_text_atomic
 from transformer.hf import export_hf, family_for
 from transformer.hf.engine import adapter_tensors
@@ -38,10 +38,12 @@ def export_run(
 ) -> Path:
     """Exports the run in `workdir` (its newest good checkpoint, or `step`) to `out_dir`:
     merged weights, or with `adapter` a PEFT adapter. Returns `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give the directory to export into (--out)")
     run = RunDir(workdir)
     cfg, params, tokenizer = run.load(step)
     chat = run.load_chat()
-    out = Path(out_dir)
     if adapter:
         _export_adapter(run, cfg, params, out)
     else:
