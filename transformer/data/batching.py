@@ -40,6 +40,27 @@ def shuffled_batches(num_items: int, seed: int, global_batch_size: int) -> grain
     return ds.batch(global_batch_size)
 
 
+def first_fit_rows(
+    order: np.ndarray, sizes: np.ndarray, capacity: int, open_rows: int = 16
+) -> list[np.ndarray]:
+    """Items in `order` packed first-fit into rows: item i takes `sizes[i]` ([n, k]: k
+    sequences per item, e.g. source and target) of each row's `capacity`. Only the newest
+    `open_rows` rows take more items, which keeps packing linear."""
+    sizes = np.asarray(sizes, np.int64).reshape(len(sizes), -1)
+    rows: list[list[int]] = []
+    room: list[np.ndarray] = []
+    for i in order:
+        for r in range(max(0, len(rows) - open_rows), len(rows)):
+            if (sizes[i] <= room[r]).all():
+                rows[r].append(int(i))
+                room[r] -= sizes[i]
+                break
+        else:
+            rows.append([int(i)])
+            room.append(capacity - sizes[i])
+    return [np.asarray(r) for r in rows]
+
+
 class RowBatcher(Protocol):
     """Examples or pairs that make a batch from rows of their indices (empty: a padding row)."""
 

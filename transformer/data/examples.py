@@ -16,15 +16,14 @@ otherwise) and reshuffled every epoch, like translation pairs (`transformer.data
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import grain
 import numpy as np
 
-from transformer.data.batching import row_eval_dataset, row_train_dataset
+from transformer.data.batching import first_fit_rows, row_eval_dataset, row_train_dataset
 from transformer.data.shards import TokenShards
 from transformer.errors import DataError
-
-EXAMPLE_KEYS = ("tokens", "mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +35,11 @@ class Examples:
     ends: np.ndarray  # int64 [n]: the end of example i in the flat split
     row_len: int  # seq_len + 1 tokens per row
 
-    @property
+    @functools.cached_property  # read by every batch: computed once
     def starts(self) -> np.ndarray:
         return np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         """Tokens of each example in a row: all of it, or the first row_len."""
         return np.minimum(self.ends - self.starts, self.row_len)
@@ -58,20 +57,7 @@ class Examples:
         )
         if not pack:
             return [np.array([i]) for i in order]
-        lengths = self.lengths
-        rows: list[list[int]] = []
-        room: list[int] = []
-        open_rows = 16  # only the newest rows take more examples: packing stays linear
-        for i in order:
-            for r in range(max(0, len(rows) - open_rows), len(rows)):
-                if lengths[i] <= room[r]:
-                    rows[r].append(int(i))
-                    room[r] -= int(lengths[i])
-                    break
-            else:
-                rows.append([int(i)])
-                room.append(self.row_len - int(lengths[i]))
-        return [np.asarray(r) for r in rows]
+        return first_fit_rows(order, self.lengths, self.row_len)
 
     def batch(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of example indices (empty: a padding row) -> the batch (module docstring)."""

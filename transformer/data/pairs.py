@@ -10,7 +10,7 @@ import logging
 import grain
 import numpy as np
 
-from transformer.data.batching import row_eval_dataset, row_train_dataset
+from transformer.data.batching import first_fit_rows, row_eval_dataset, row_train_dataset
 from transformer.data.token_cache import Ragged
 from transformer.errors import DataError
 
@@ -89,20 +89,9 @@ class PairTokens:
         """
         src_len = np.minimum(self.src.lengths + 1, self.max_len)
         tgt_len = np.minimum(self.tgt.lengths + 1, self.max_len)
-        rows: list[list[int]] = []
-        used: list[list[int]] = []  # [src, tgt] tokens used, parallel to rows
-        for p in np.random.default_rng(seed).permutation(len(self.src)):
-            s, t = int(src_len[p]), int(tgt_len[p])
-            for r in range(max(0, len(rows) - open_rows), len(rows)):
-                if used[r][0] + s <= self.max_len and used[r][1] + t <= self.max_len:
-                    rows[r].append(int(p))
-                    used[r][0] += s
-                    used[r][1] += t
-                    break
-            else:
-                rows.append([int(p)])
-                used.append([s, t])
-        return [np.asarray(r) for r in rows]
+        order = np.random.default_rng(seed).permutation(len(self.src))
+        sizes = np.stack([src_len, tgt_len], axis=1)  # [n, 2]: source and target tokens
+        return first_fit_rows(order, sizes, self.max_len, open_rows)
 
 
 def translation_train_dataset(

@@ -32,7 +32,6 @@ from transformer.model.scan import stack_layers, unstack_layers
 
 Array = jax.Array
 
-TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 ADAPTER_NAMES = ("lora_a", "lora_b")  # parameter names: they are the trainable ones
 # Our projection module -> {target: slot of its first output axis (None: the whole output)}.
 MODULES: dict[str, dict[str, int | None]] = {
