@@ -24,18 +24,19 @@ def prng_key(seed: int, impl: str) -> jax.Array:
     return jax.random.key(seed, impl=PRNG_IMPLS[impl])
 
 
+def wrap_key(key_data: jax.Array, impl: str) -> jax.Array:
+    """The typed key of raw key data (`TrainState.rng`) of the generator `impl`."""
+    return jax.random.wrap_key_data(key_data, impl=PRNG_IMPLS[impl])
+
+
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # optimizer steps taken
     params: Any
     opt_state: Any  # of the trainable parameters: all, or only the LoRA adapters
-    # The run's key as raw key data, shaped by its generator (uint32 [2] threefry, [4] rbg):
-    # checkpoints hold plain arrays. Per-step keys are fold_in(key, step).
+    # The run's key as raw key data, shaped by its generator (uint32 [2] threefry, [4] rbg;
+    # `wrap_key` with train.prng_impl): checkpoints hold plain arrays. Per-step keys are
+    # fold_in(key, step).
     rng: jax.Array
-    prng_impl: str = struct.field(pytree_node=False, default="threefry")  # train.prng_impl
-
-    def key(self) -> jax.Array:
-        """The typed key of `rng`."""
-        return jax.random.wrap_key_data(self.rng, impl=PRNG_IMPLS[self.prng_impl])
 
 
 def train_step(
@@ -47,9 +48,10 @@ def train_step(
     label_smoothing: float,
     accum_steps: int,
     skip_nonfinite: bool,
+    prng_impl: str,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum_steps` micro-batches; metrics are sums and counts."""
-    rng = jax.random.fold_in(state.key(), state.step)
+    rng = jax.random.fold_in(wrap_key(state.rng, prng_impl), state.step)
     # With LoRA adapters only they are differentiated and updated; the base stays as it is.
     trainable, frozen = lora.split_trainable(state.params)
 

@@ -25,10 +25,10 @@ from flax import traverse_util
 
 from transformer.model import lora, sharding
 from transformer.model.config import ModelConfig
-from transformer.train.config import PRNG_IMPLS, RunConfig
+from transformer.train.config import RunConfig
 from transformer.train.hooks import Hook, StepInfo, Throughput
 from transformer.train.optim import optimizer_for
-from transformer.train.steps import TrainState, eval_step, prng_key, train_step
+from transformer.train.steps import TrainState, eval_step, prng_key, train_step, wrap_key
 from transformer.train.tasks import Task, task_for
 
 
@@ -68,14 +68,13 @@ class Trainer:
         impl = train_cfg.prng_impl
 
         def boxed_init(rng: jax.Array) -> TrainState:
-            key = jax.random.wrap_key_data(rng, impl=PRNG_IMPLS[impl])
+            key = wrap_key(rng, impl)
             params = task.init(key)["params"]
             return TrainState(
                 step=jnp.zeros((), jnp.int32),
                 params=params,
                 opt_state=tx.init(lora.split_trainable(params)[0]),
                 rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                prng_impl=impl,
             )
 
         # The raw key data's shape and dtype are the generator's.
@@ -96,6 +95,7 @@ class Trainer:
             label_smoothing=train_cfg.label_smoothing,
             accum_steps=train_cfg.grad_accum_steps,
             skip_nonfinite=train_cfg.nonfinite == "skip",
+            prng_impl=impl,
         )
         evaluate = functools.partial(eval_step, task=task)
         return cls(
